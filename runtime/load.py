@@ -1,0 +1,80 @@
+"""Plan -> Runtime: build or load the models, allocate caches from plan shapes, pick the drafter.
+
+Nothing here reads the user config; everything comes from the frozen `Plan`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from tokenizers import Tokenizer
+
+from runtime.decode import DecodeResult, SamplingParams, StepState, decode
+from runtime.drafters import ModelDrafter, NoDrafter, PromptLookupDrafter
+from runtime.models.checkpoint import load_llama, read_eos_ids
+from runtime.models.llama import KVCache, LlamaConfig, LlamaModel, init_random, perturbed_copy
+from runtime.sampling import AcceptanceRule, ChildKind
+from runtime.tokenizer import EOT, get_tokenizer
+from spec_compiler.plan import ModelPlan, Plan
+from spec_compiler.tree import TreeTopology
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_model(m: ModelPlan, device: str, target: Optional[LlamaModel] = None) -> LlamaModel:
+    dtype = DTYPES[m.dtype]
+    if m.source == "checkpoint":
+        return load_llama(m.checkpoint, dtype=dtype, device=device)
+    if m.source == "target_copy":
+        assert target is not None
+        return perturbed_copy(target, m.noise_std, m.seed).to(device=device, dtype=dtype).eval()
+    return init_random(LlamaConfig.from_dict(dict(m.arch)), m.seed).to(device=device, dtype=dtype).eval()
+
+
+@dataclass
+class Runtime:
+    plan: Plan
+    target: LlamaModel
+    cache: KVCache
+    drafter: object
+    tokenizer: Tokenizer
+    eos_ids: tuple[int, ...]
+    sampling: SamplingParams
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0,
+                 on_step: Optional[Callable[[StepState], None]] = None) -> DecodeResult:
+        """One request. Drafting and acceptance draw from separate generators derived from `seed`."""
+        draft_gen = torch.Generator().manual_seed(2 * seed)
+        verify_gen = torch.Generator().manual_seed(2 * seed + 1)
+        return decode(self.target, self.cache, self.drafter, prompt_ids, max_new_tokens=max_new_tokens,
+                      max_seq_len=self.plan.max_seq_len, eos_ids=self.eos_ids, sampling=self.sampling,
+                      draft_gen=draft_gen, verify_gen=verify_gen, on_step=on_step)
+
+    def with_drafter(self, drafter) -> "Runtime":
+        """The same target and cache with another drafter (bench runs the baseline this way)."""
+        return Runtime(self.plan, self.target, self.cache, drafter, self.tokenizer, self.eos_ids, self.sampling)
+
+
+def make_drafter(plan: Plan, target: LlamaModel):
+    topo = TreeTopology(plan.tree_parents)
+    if plan.drafter_kind == "none":
+        return NoDrafter()
+    if plan.drafter_kind == "prompt_lookup":
+        return PromptLookupDrafter(topo, *plan.prompt_lookup)
+    model = build_model(plan.drafter, plan.device, target)
+    return ModelDrafter(model, topo, plan.cache_capacity, ChildKind(plan.child_kind), plan.drafter_temperature,
+                        target.config.vocab_size)
+
+
+def load(plan: Plan) -> Runtime:
+    target = build_model(plan.target, plan.device)
+    cache = target.new_cache(1, plan.cache_capacity)
+    tokenizer = get_tokenizer(plan.tokenizer)
+    if plan.target.source == "checkpoint":
+        eos = tuple(read_eos_ids(plan.target.checkpoint))
+    else:
+        eot = tokenizer.token_to_id(EOT)
+        eos = (eot,) if eot is not None and eot < target.config.vocab_size else ()
+    sampling = SamplingParams(plan.temperature, plan.top_k, plan.top_p, AcceptanceRule(plan.acceptance))
+    return Runtime(plan, target, cache, make_drafter(plan, target), tokenizer, eos, sampling)

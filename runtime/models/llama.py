@@ -1,0 +1,266 @@
+"""A compact Llama-family decoder (Llama 2/3, Qwen2, Mistral) whose forward takes positions and mask.
+
+One definition serves the target and the drafters. Unlike the Hugging Face classes, `forward` is
+told explicitly where each token sits (`position_ids`, for RoPE) and what it may attend to
+(`attn_mask` over cache slots), so a whole token tree is verified in one call: node i gets position
+`prefix_len + depth(i)` and sees the prefix plus its own ancestors. Keys and values go to a
+preallocated `KVCache` written by slot index, and `KVCache.compact` keeps an accepted path.
+
+The arithmetic follows `transformers` (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM):
+RMSNorm in fp32, rotate-half RoPE with optional Llama-3 frequency scaling, grouped-query attention,
+SwiGLU MLP. References: gpt-fast `model.py` (layout, KVCache), nanoGPT `model.py`.
+
+Shape legend: B batch, T new tokens, S attended cache slots (start + T), C cache capacity,
+H query heads, Hkv key/value heads, D head dim, V vocab.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FAMILIES = ("llama", "qwen2", "mistral")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    head_dim: int | None = None
+    """Per-head width; None means hidden_size // num_heads."""
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    """None (plain RoPE) or sorted (key, value) pairs with rope_type "llama3" and LLAMA3_ROPE_KEYS."""
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    """Bias on q/k/v. HF Llama puts it on o_proj as well, Qwen2 (always True) does not: see `o_bias`."""
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    family: str = "llama"
+    """"llama" | "qwen2" | "mistral"."""
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        elif self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", tuple(sorted(tuple(kv) for kv in self.rope_scaling)))
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        assert self.family in FAMILIES, self.family
+        assert self.num_heads % self.num_kv_heads == 0, (self.num_heads, self.num_kv_heads)
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias and self.family == "llama"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def rope_inv_freq(config: LlamaConfig, device: torch.device | str = "cpu") -> Tensor:
+    """Inverse RoPE frequencies in fp32, [D // 2], with Llama-3 scaling when configured."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, device=device).float() / D))
+    if config.rope_scaling is None:
+        return inv_freq
+    s = dict(config.rope_scaling)
+    assert s["rope_type"] == "llama3", s
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Keys and values for every layer, allocated once and written by slot index."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, C, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, C, D]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def compact(self, src_slots: Tensor, dst_start: int) -> None:
+        """Move slots `src_slots` (ascending, all >= dst_start) to dst_start, dst_start+1, ..."""
+        # src_slots: [m]
+        m = src_slots.numel()
+        src_slots = src_slots.to(self.k.device)
+        # Indexing gathers into a new tensor first, so overlapping source and target are safe.
+        self.k[:, :, :, dst_start:dst_start + m] = self.k[:, :, :, src_slots]
+        self.v[:, :, :, dst_start:dst_start + m] = self.v[:, :, :, src_slots]
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.H, self.Hkv, self.D = c.num_heads, c.num_kv_heads, c.head_dim
+        self.wqkv = nn.Linear(c.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=c.attention_bias)
+        self.wo = nn.Linear(self.H * self.D, c.hidden_size, bias=c.o_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                start: int, mask: Tensor | None) -> Tensor:
+        # x: [B, T, hidden]; cos, sin: [B, 1, T, D]; k_cache, v_cache: [B, Hkv, C, D]; mask: [T, S]
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
+        q = q.view(B, T, self.H, self.D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.Hkv, self.D).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, self.Hkv, self.D).transpose(1, 2)  # [B, Hkv, T, D]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache[:, :, start:start + T] = k
+        v_cache[:, :, start:start + T] = v
+        k = k_cache[:, :, :start + T].repeat_interleave(self.H // self.Hkv, dim=1)  # [B, H, S, D]
+        v = v_cache[:, :, :start + T].repeat_interleave(self.H // self.Hkv, dim=1)  # [B, H, S, D]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, D]
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.H * self.D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attention = Attention(c)
+        self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.feed_forward = FeedForward(c)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                start: int, mask: Tensor | None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, start, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # `.to(bfloat16)` would round the RoPE frequencies too (and `to_empty` would clear them):
+        # recompute them in fp32 on the new device after every such move.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config, self.tok_embeddings.weight.device)
+        return self
+
+    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        w = self.tok_embeddings.weight
+        c = self.config
+        return KVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim,
+                       dtype=dtype or w.dtype, device=device or w.device)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache, start: int,
+                attn_mask: Tensor | None = None) -> Tensor:
+        # input_ids, position_ids: [B, T]; attn_mask: [T, S] bool, True = may attend -> [B, T, V] fp32
+        B, T = input_ids.shape
+        S = start + T
+        assert S <= cache.capacity, f"start {start} + {T} tokens exceeds cache capacity {cache.capacity}"
+        assert cache.k.shape[1] == B, (cache.k.shape, B)
+        if attn_mask is None and T > 1:
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=start)
+        assert attn_mask is None or attn_mask.shape == (T, S), (None if attn_mask is None else attn_mask.shape, T, S)
+
+        x = self.tok_embeddings(input_ids)  # [B, T, hidden]
+        freqs = position_ids.float()[..., None] * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], start, attn_mask)
+        return self.output(self.norm(x)).float()
+
+
+@torch.no_grad()
+def init_random(config: LlamaConfig, seed: int) -> LlamaModel:
+    """Deterministic random weights (fp32, CPU) whose greedy output depends on the context."""
+    g = torch.Generator().manual_seed(seed)
+    model = LlamaModel(config)
+    emb = model.tok_embeddings.weight
+    for name, p in model.named_parameters():
+        if p is emb:
+            # Tied or not, hidden**-0.25 keeps both the residual stream and the logits O(1)-ish.
+            p.copy_(torch.randn(p.shape, generator=g) * config.hidden_size ** -0.25)
+        elif name.endswith("norm.weight"):
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        elif name.endswith("bias"):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+    return model
+
+
+@torch.no_grad()
+def perturbed_copy(model: LlamaModel, noise_std: float, seed: int) -> LlamaModel:
+    """A copy with Gaussian noise of `noise_std` times each tensor's own std added to every weight."""
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    for p in out.parameters():
+        noise = torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype)
+        p.add_(noise * (noise_std * p.float().std()).to(p.dtype))
+    return out

@@ -1,0 +1,245 @@
+"""Tasks: `generate` (answers jsonl in Spec-Bench's format) and `bench` (baseline vs method, JSON + markdown +
+plot), plus the multirun summary callback. Each returns a small result dict that `main.py` also writes
+as `result.json`, which the sweep summary collects.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+
+from runtime.decode import DecodeResult, per_position_acceptance
+from runtime.drafters import NoDrafter
+from runtime.load import Runtime
+from spec_compiler.errors import ConfigError, InputError
+from spec_compiler.schema import DEFAULT_PROMPT, SpecConfig
+from spec_compiler.validate import resolve_path
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: Any
+    category: str
+    turns: tuple[str, ...]
+
+
+def read_questions(cfg: SpecConfig) -> list[Question]:
+    if cfg.prompts is None:
+        qs = [Question(0, "cli" if cfg.prompt is not None else "default",
+                       (cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPT,))]
+    else:
+        path = resolve_path(cfg.prompts)
+        qs = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                turns = row["turns"]
+                if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+                    raise ValueError("'turns' must be a non-empty list of strings")
+                qs.append(Question(row.get("question_id", n), str(row.get("category", "")), tuple(turns)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError("prompts", f"{path}:{n}: not a Spec-Bench question row ({e})") from None
+        if not qs:
+            raise ConfigError("prompts", f"{path}: no questions", cfg.prompts)
+    if cfg.task.num_prompts > 0:
+        qs = qs[:cfg.task.num_prompts]
+    return qs
+
+
+def answer(rt: Runtime, q: Question, max_new_tokens: int, seed: int) -> tuple[list[str], list[DecodeResult]]:
+    """Decode every turn of a question; later turns see the earlier turns and answers."""
+    context, texts, results = "", [], []
+    for turn in q.turns:
+        context += turn
+        ids = rt.tokenizer.encode(context).ids
+        try:
+            r = rt.generate(ids, max_new_tokens, seed)
+        except InputError as e:
+            raise InputError(f"question {q.question_id}", e.reason) from None
+        text = rt.tokenizer.decode(r.output_ids)
+        context += text + "\n"
+        texts.append(text)
+        results.append(r)
+    return texts, results
+
+
+def _answer_row(rt: Runtime, q: Question, texts: list[str], results: list[DecodeResult]) -> dict:
+    aid = hashlib.sha256(f"{rt.plan.plan_hash()}:{q.question_id}".encode()).hexdigest()[:22]
+    return {
+        "question_id": q.question_id, "category": q.category, "answer_id": aid, "model_id": rt.plan.name,
+        "choices": [{
+            "index": 0, "turns": texts,
+            "new_tokens": [len(r.output_ids) for r in results],
+            "wall_time": [r.wall_time for r in results],
+            "accept_lengths": [r.accept_lengths for r in results],
+            "decoding_steps": [r.steps for r in results],
+            "output_ids": [r.output_ids for r in results],
+        }],
+        "tstamp": time.time(),
+    }
+
+
+def summarize(results: list[DecodeResult]) -> dict:
+    new = sum(len(r.output_ids) for r in results)
+    steps = sum(r.steps for r in results)
+    wall = sum(r.wall_time for r in results)
+    speeds = [len(r.output_ids) / r.wall_time for r in results if r.wall_time > 0]
+    return {
+        "new_tokens": new, "steps": steps, "tau": new / max(1, steps),
+        "tokens_per_s": statistics.mean(speeds) if speeds else 0.0,
+        "wall_time": wall,
+        "draft_time": sum(r.draft_time for r in results), "verify_time": sum(r.verify_time for r in results),
+        "other_time": sum(r.other_time for r in results),
+        "per_position_acceptance": per_position_acceptance(results),
+    }
+
+
+def markdown_table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        if isinstance(v, list):
+            return " ".join(f"{x:.2f}" for x in v)
+        return str(v)
+    out = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(fmt(r.get(k, "")) for _, k in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+SUMMARY_COLS = [("method", "method"), ("new tokens", "new_tokens"), ("steps", "steps"), ("tau", "tau"),
+                ("tok/s", "tokens_per_s"), ("draft s", "draft_time"), ("verify s", "verify_time"),
+                ("other s", "other_time"), ("accept/pos", "per_position_acceptance")]
+
+
+def run_generate(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    qs = read_questions(cfg)
+    results, rows = [], []
+    for q in qs:
+        texts, rs = answer(rt, q, cfg.task.max_new_tokens, cfg.sampling.seed)
+        rows.append(_answer_row(rt, q, texts, rs))
+        results += rs
+    answers = out / f"answers-{rt.plan.readable_name}.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = {"method": rt.plan.name, **summarize(results)}
+    if len(qs) == 1 and len(qs[0].turns) == 1:
+        print(qs[0].turns[0] + rows[0]["choices"][0]["turns"][0])
+        print()
+    print(markdown_table([s], SUMMARY_COLS))
+    print(f"answers: {answers}")
+    return {"task": "generate", "plan_hash": rt.plan.plan_hash(), "answers": str(answers), **s}
+
+
+def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
+    """Autoregressive baseline and the configured method on the same prompts, same target, same run."""
+    out.mkdir(parents=True, exist_ok=True)
+    qs = read_questions(cfg)
+    methods = {"autoregressive": rt.with_drafter(NoDrafter()), rt.plan.name: rt}
+    for _ in range(cfg.task.warmup):
+        for m in methods.values():
+            answer(m, qs[0], min(16, cfg.task.max_new_tokens), cfg.sampling.seed)
+    per: dict[str, list[DecodeResult]] = {k: [] for k in methods}
+    per_cat: dict[str, dict[str, list[DecodeResult]]] = {}
+    equal = 0
+    for q in qs:  # interleave methods per prompt so machine noise hits both alike
+        outs = {}
+        for name, m in methods.items():
+            _, rs = answer(m, q, cfg.task.max_new_tokens, cfg.sampling.seed)
+            per[name] += rs
+            per_cat.setdefault(q.category, {}).setdefault(name, []).extend(rs)
+            outs[name] = [r.output_ids for r in rs]
+        equal += len(set(json.dumps(o) for o in outs.values())) == 1
+    rows = [{"method": k, **summarize(v)} for k, v in per.items()]
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / base if base else 0.0
+    cats = []
+    for cat, d in per_cat.items():
+        crow = [{"method": k, **summarize(v)} for k, v in d.items()]
+        for r in crow:
+            r["category"] = cat
+            r["speedup"] = r["tokens_per_s"] / crow[0]["tokens_per_s"] if crow[0]["tokens_per_s"] else 0.0
+        cats += crow
+    env = _environment(rt)
+    report = {"plan": rt.plan.to_dict(), "plan_hash": rt.plan.plan_hash(), "environment": env,
+              "num_prompts": len(qs), "max_new_tokens": cfg.task.max_new_tokens,
+              "greedy": rt.plan.greedy, "outputs_equal_to_baseline": f"{equal}/{len(qs)}",
+              "methods": rows, "per_category": cats}
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    cols = SUMMARY_COLS[:5] + [("speedup", "speedup")] + SUMMARY_COLS[5:]
+    md = [f"# bench: {rt.plan.name}", "",
+          f"{len(qs)} prompts, max_new_tokens={cfg.task.max_new_tokens}, "
+          f"{'greedy' if rt.plan.greedy else f'temperature={rt.plan.temperature}'}; "
+          f"outputs equal to the baseline: {equal}/{len(qs)}", "",
+          f"Machine: {env['machine']}; torch {env['torch']}; device {env['device']}", "",
+          markdown_table(rows, cols), "", "## Per category", "",
+          markdown_table(cats, [("category", "category")] + cols)]
+    (out / "bench.md").write_text("\n".join(md) + "\n")
+    _plot(rows, out / "bench.png")
+    print("\n".join(md[2:]))
+    print(f"bench: {out / 'bench.md'}")
+    method = rows[-1]
+    return {"task": "bench", "plan_hash": rt.plan.plan_hash(), **method}
+
+
+def _environment(rt: Runtime) -> dict:
+    import os
+    import platform
+
+    import torch
+    return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "python": platform.python_version(), "torch": torch.__version__, "device": rt.plan.device}
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.bar([r["method"][:24] for r in rows], [r["tokens_per_s"] for r in rows])
+    a.set_ylabel("tokens/s")
+    for r in rows[1:]:
+        b.plot(range(1, len(r["per_position_acceptance"]) + 1), r["per_position_acceptance"], marker="o",
+               label=r["method"][:24])
+    b.set_xlabel("draft position")
+    b.set_ylabel("acceptance")
+    b.set_ylim(0, 1.05)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_sweep_summary(sweep_dir: Path) -> Optional[Path]:
+    """Collect every job's result.json under a multirun directory into summary.md / summary.json."""
+    rows = []
+    for f in sorted(sweep_dir.glob("*/result.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        r = json.loads(f.read_text())
+        r["job"] = f.parent.name
+        rows.append(r)
+    if not rows:
+        return None
+    (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=2))
+    cols = [("job", "job"), ("overrides", "overrides")] + SUMMARY_COLS + [("speedup", "speedup")]
+    table = markdown_table(rows, cols)
+    (sweep_dir / "summary.md").write_text(table + "\n")
+    print(table)
+    return sweep_dir / "summary.md"
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, write one summary table of all runs in the sweep directory."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        write_sweep_summary(Path(config.hydra.sweep.dir))

@@ -1,0 +1,47 @@
+"""Tokenizers: a checkpoint's `tokenizer.json`, or the built-in byte-level one for models built from config.
+
+The built-in tokenizer is a `tokenizers` byte-level BPE with no merges: ids 0-255 are the bytes in
+GPT-2's byte-to-unicode order and id 256 is `<|endoftext|>` (so a 257-token model covers any text).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from runtime.models.checkpoint import load_tokenizer
+
+EOT = "<|endoftext|>"
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = _gpt2_byte_chars()
+    assert set(byte_chars) == set(alphabet)
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(byte_chars)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOT])
+    return tok
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """Printable stand-in for each byte value 0..255 (GPT-2's bytes_to_unicode)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def get_tokenizer(path: Optional[str]) -> Tokenizer:
+    """`path`: a tokenizer.json file or a directory holding one; None = the built-in byte-level tokenizer."""
+    if path is None:
+        return byte_level_tokenizer()
+    p = Path(path)
+    return load_tokenizer(p.parent if p.name == "tokenizer.json" else p)

@@ -1,0 +1,136 @@
+"""The frozen plan: everything downstream (codegen, runtime) reads from here, never from the config.
+
+`make_plan(resolved)` is a pure function of the validated config. The plan is JSON-serialisable and has
+a stable hash over its canonical JSON (sorted keys, tuples), a PLAN_VERSION, the library versions and the
+device kind, so a compiled artifact can be keyed by it. Run-time settings (prompts, max_new_tokens, seed)
+are not part of the plan.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from spec_compiler.schema import DrafterKind, ModelConfig, ModelSource
+from spec_compiler.validate import Resolved, resolve_path
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    source: str
+    checkpoint: Optional[str]
+    """Absolute checkpoint directory (source=checkpoint)."""
+    arch: tuple
+    """LlamaConfig as sorted (key, value) pairs."""
+    dtype: str
+    seed: int
+    noise_std: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    target: ModelPlan
+    tokenizer: Optional[str]
+    """tokenizer.json path; None = built-in byte-level tokenizer."""
+    drafter_kind: str
+    drafter: Optional[ModelPlan]
+    drafter_temperature: float
+    prompt_lookup: tuple[int, int, int]
+    """(min_ngram, max_ngram, num_pred_tokens)."""
+    tree_policy: str
+    tree_parents: tuple[int, ...]
+    """The static topology (the largest tree a step may verify)."""
+    child_kind: str
+    acceptance: str
+    greedy: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    backend: str
+    device: str
+    max_seq_len: int
+    cache_capacity: int
+    """KV slots: max_seq_len plus one tree's worth of scratch slots."""
+    plan_version: int = PLAN_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def plan_hash(self) -> str:
+        return hashlib.sha256(json.dumps({"plan": self.to_dict(), "env": environment()}, sort_keys=True)
+                              .encode()).hexdigest()[:12]
+
+    @property
+    def readable_name(self) -> str:
+        return f"{self.name}-{self.plan_hash()}"
+
+
+def environment() -> dict:
+    """Library versions and device kind that determine compiled output."""
+    import torch
+    env = {"torch": torch.__version__}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["device"] = f"{torch.cuda.get_device_name()} sm{''.join(map(str, torch.cuda.get_device_capability()))}"
+    else:
+        env["device"] = "cpu"
+    return env
+
+
+def _model_plan(m: ModelConfig, arch) -> ModelPlan:
+    ckpt = str(resolve_path(m.checkpoint)) if m.source is ModelSource.checkpoint else None
+    return ModelPlan(m.source.value, ckpt, tuple(sorted(arch.to_dict().items())), m.dtype.value, m.seed,
+                     m.noise_std)
+
+
+def _device(resolved: Resolved) -> str:
+    dev = resolved.cfg.backend.device.value
+    if dev == "auto":
+        import torch
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return dev
+
+
+def make_plan(resolved: Resolved) -> Plan:
+    cfg = resolved.cfg
+    d, s, topo = cfg.drafter, cfg.sampling, resolved.topology
+    tok = cfg.target.tokenizer
+    if tok is not None:
+        tok = str(resolve_path(tok))
+    elif cfg.target.model.source is ModelSource.checkpoint:
+        tok = str(resolve_path(cfg.target.model.checkpoint) / "tokenizer.json")
+    pl = d.prompt_lookup
+    name = "-".join([cfg.target.name, d.name, cfg.tree.policy.value if d.kind is not DrafterKind.none else "ar",
+                     cfg.backend.kind.value])
+    return Plan(
+        name=name,
+        target=_model_plan(cfg.target.model, resolved.target_arch),
+        tokenizer=tok,
+        drafter_kind=d.kind.value,
+        drafter=_model_plan(d.model, resolved.drafter_arch) if resolved.drafter_arch is not None else None,
+        drafter_temperature=float(d.temperature),
+        prompt_lookup=(pl.min_ngram, pl.max_ngram, pl.num_pred_tokens),
+        tree_policy=cfg.tree.policy.value,
+        tree_parents=topo.parents,
+        child_kind=resolved.child_kind.value,
+        acceptance=resolved.acceptance.value,
+        greedy=s.temperature == 0,
+        temperature=float(s.temperature),
+        top_k=int(s.top_k),
+        top_p=float(s.top_p),
+        backend=cfg.backend.kind.value,
+        device=_device(resolved),
+        max_seq_len=cfg.target.max_seq_len,
+        cache_capacity=cfg.target.max_seq_len + topo.n,
+    )

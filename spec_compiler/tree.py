@@ -1,0 +1,163 @@
+"""The one token-tree topology (ALGORITHMS.md §0.1), used by planning, drafting, verification and tests.
+
+A tree of `n` nodes is a tuple of parents in topological order: `parents[0] == -1` (node 0 is the root:
+the last committed token, not yet in the target's cache) and `parents[i] < i`. Everything else (depths,
+children, the ancestor-or-self mask, its per-row bitsets, position ids, root-to-leaf paths) is derived
+here and nowhere else.
+
+Static policies (`chain`, `static`) are built in breadth-first order, so every level is a contiguous
+range of node ids; drafters fill a level in one forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class TreeTopology:
+    parents: tuple[int, ...]
+    """parents[i] < i for i > 0; parents[0] == -1 (the root)."""
+
+    def __post_init__(self):
+        p = tuple(int(x) for x in self.parents)
+        object.__setattr__(self, "parents", p)
+        if not p or p[0] != -1:
+            raise ValueError(f"tree parents must start with -1 (the root), got {p[:4]}")
+        for i, x in enumerate(p[1:], start=1):
+            if not 0 <= x < i:
+                raise ValueError(f"tree parents must be topological (0 <= parent[{i}] < {i}), got {x}")
+
+    # ---- constructors -------------------------------------------------------------------------------
+    @staticmethod
+    def chain(k: int) -> "TreeTopology":
+        """Root plus k draft tokens in a line."""
+        return TreeTopology(tuple(range(-1, k)))
+
+    @staticmethod
+    def static(branching: Sequence[int]) -> "TreeTopology":
+        """Every node at depth d gets branching[d] children, built breadth first."""
+        parents, level = [-1], [0]
+        for b in branching:
+            nxt = []
+            for node in level:
+                for _ in range(int(b)):
+                    parents.append(node)
+                    nxt.append(len(parents) - 1)
+            level = nxt
+        return TreeTopology(tuple(parents))
+
+    # ---- derived structure -------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return len(self.parents)
+
+    @cached_property
+    def depth(self) -> tuple[int, ...]:
+        d = [0] * self.n
+        for i in range(1, self.n):
+            d[i] = d[self.parents[i]] + 1
+        return tuple(d)
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depth)
+
+    @cached_property
+    def children(self) -> tuple[tuple[int, ...], ...]:
+        """children[i]: the children of node i, in id order (the order drafts were generated)."""
+        kids: list[list[int]] = [[] for _ in range(self.n)]
+        for i in range(1, self.n):
+            kids[self.parents[i]].append(i)
+        return tuple(tuple(k) for k in kids)
+
+    @cached_property
+    def levels(self) -> tuple[tuple[int, ...], ...]:
+        """levels[d]: node ids at depth d, ascending."""
+        out: list[list[int]] = [[] for _ in range(self.max_depth + 1)]
+        for i, d in enumerate(self.depth):
+            out[d].append(i)
+        return tuple(tuple(x) for x in out)
+
+    @cached_property
+    def is_level_ordered(self) -> bool:
+        """True if ids are sorted by depth (so each level is a contiguous id range)."""
+        return all(self.depth[i] <= self.depth[i + 1] for i in range(self.n - 1))
+
+    def path(self, node: int) -> tuple[int, ...]:
+        """Root-to-node path, root first."""
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self.parents[node]
+        return tuple(reversed(out))
+
+    @cached_property
+    def leaves(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.n) if not self.children[i])
+
+    def root_to_leaf_paths(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(self.path(leaf) for leaf in self.leaves)
+
+    def ancestor_mask(self, device=None) -> torch.Tensor:
+        """[n, n] bool: M[i, j] iff j is on the root->i path (ancestor-or-self)."""
+        m = torch.zeros(self.n, self.n, dtype=torch.bool)
+        for i in range(self.n):
+            m[i, list(self.path(i))] = True
+        return m.to(device) if device is not None else m
+
+    def bitsets(self) -> tuple[int, ...]:
+        """Per-row ancestor-or-self bitsets (bit j set iff j is on root->i); kernels use 64-bit words."""
+        return tuple(sum(1 << j for j in self.path(i)) for i in range(self.n))
+
+    def position_ids(self, offset: int, device=None) -> torch.Tensor:
+        """[n] long: offset + depth (offset = tokens already in the target's cache)."""
+        return torch.tensor(self.depth, dtype=torch.long, device=device) + offset
+
+    def attention_mask(self, prefix_len: int, device=None) -> torch.Tensor:
+        """[n, prefix_len + n] bool: every node sees the whole prefix and its own ancestors."""
+        m = torch.ones(self.n, prefix_len + self.n, dtype=torch.bool, device=device)
+        m[:, prefix_len:] = self.ancestor_mask(device)
+        return m
+
+    # ---- pruning -----------------------------------------------------------------------------------
+    def select(self, nodes: Sequence[int]) -> "TreeTopology":
+        """The sub-tree on `nodes` (ascending, contains 0, closed under parent), renumbered 0..m-1."""
+        nodes = sorted(set(int(x) for x in nodes))
+        index = {old: new for new, old in enumerate(nodes)}
+        if nodes[0] != 0 or any(self.parents[x] not in index for x in nodes[1:]):
+            raise ValueError("select() needs the root and every selected node's parent")
+        return TreeTopology(tuple(-1 if x == 0 else index[self.parents[x]] for x in nodes))
+
+    def truncate(self, max_depth: int) -> "TreeTopology":
+        """Keep nodes with depth <= max_depth (a prefix of the ids when level ordered)."""
+        return self.select([i for i in range(self.n) if self.depth[i] <= max_depth])
+
+
+@dataclass
+class DraftTree:
+    """A proposed token tree for one request, as the verifier consumes it.
+
+    Node 0 is the root: the last committed token. For a node with children, `draft_probs[i]` is the
+    drafter distribution the children were generated from (None for deterministic drafters) and
+    `child_kind[i]` says how: ALGORITHMS.md §0.3 derives each child's proposal from these two.
+    """
+
+    topology: TreeTopology
+    tokens: list[int]
+    """[n] token id per node."""
+    child_kind: list[str] = field(default_factory=list)
+    """[n] 'deterministic' | 'iid' | 'wor' (how node i's children were made); '' for leaves."""
+    draft_probs: torch.Tensor | None = None
+    """[n, V] float64 drafter distribution at each node (rows of leaves unused), or None."""
+
+    @staticmethod
+    def root_only(token: int) -> "DraftTree":
+        return DraftTree(TreeTopology((-1,)), [int(token)], [""], None)
+
+    @property
+    def n(self) -> int:
+        return self.topology.n

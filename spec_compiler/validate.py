@@ -1,0 +1,183 @@
+"""Cross-field rules: a composed `SpecConfig` becomes a trusted, resolved config, or one `ConfigError`.
+
+Field-local checks live in schema `__post_init__`s. Here: model sources and checkpoints (whose
+`config.json` is read to resolve the architecture), drafter/target compatibility, tree limits, prompt
+sources, and the sampling combinations that would bias the output (ALGORITHMS.md §8.3), each refused
+with the safe alternative named. Settings that would silently do nothing raise a warning.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from runtime.models.checkpoint import read_llama_config
+from runtime.models.llama import LlamaConfig
+from runtime.sampling import AcceptanceRule, ChildKind
+from spec_compiler.errors import CheckpointError, ConfigError
+from spec_compiler.schema import (ChildSampling, Device, DrafterKind, ModelConfig, ModelSource, SpecConfig,
+                                  TreePolicy)
+from spec_compiler.tree import TreeTopology
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class IneffectiveSettingWarning(UserWarning):
+    """A config value that has no effect in this combination."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A validated config plus what validation had to read to check it (the models' architectures)."""
+
+    cfg: SpecConfig
+    target_arch: LlamaConfig
+    drafter_arch: Optional[LlamaConfig]
+    topology: TreeTopology
+    child_kind: ChildKind
+    acceptance: AcceptanceRule
+
+
+def resolve_path(p: str) -> Path:
+    """Config paths are relative to the project root (Hydra changes the working directory)."""
+    path = Path(os.path.expanduser(p))
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def _warn(key: str, msg: str) -> None:
+    warnings.warn(f"{key}: {msg}", IneffectiveSettingWarning, stacklevel=3)
+
+
+def _arch(m: ModelConfig, key: str, target: Optional[LlamaConfig]) -> LlamaConfig:
+    if m.source is ModelSource.checkpoint:
+        if not m.checkpoint:
+            raise ConfigError(f"{key}.checkpoint", "required when source=checkpoint")
+        path = resolve_path(m.checkpoint)
+        if not path.is_dir():
+            raise ConfigError(f"{key}.checkpoint", f"checkpoint directory not found: {path}", m.checkpoint)
+        try:
+            return read_llama_config(path)
+        except CheckpointError as e:
+            raise ConfigError(f"{key}.checkpoint", str(e)) from e
+    if m.source is ModelSource.target_copy:
+        if target is None:
+            raise ConfigError(f"{key}.source", "target_copy is only valid for the drafter")
+        if m.noise_std < 0:
+            raise ConfigError(f"{key}.noise_std", "must be >= 0", m.noise_std)
+        return target
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"{key}.{name}", "must be >= 1", getattr(m, name))
+    if m.vocab_size < 2:
+        raise ConfigError(f"{key}.vocab_size", "must be >= 2", m.vocab_size)
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"{key}.num_heads", f"must divide hidden_size ({m.hidden_size})", m.num_heads)
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"{key}.num_kv_heads", f"must divide num_heads ({m.num_heads})", m.num_kv_heads)
+    if (m.hidden_size // m.num_heads) % 2:
+        raise ConfigError(f"{key}.hidden_size", "head_dim (hidden_size / num_heads) must be even for RoPE",
+                          m.hidden_size)
+    return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                       intermediate_size=m.intermediate_size, rope_theta=m.rope_theta,
+                       tie_word_embeddings=m.tie_word_embeddings, attention_bias=m.family.value == "qwen2",
+                       max_position_embeddings=1 << 20, family=m.family.value)
+
+
+def _topology(cfg: SpecConfig) -> TreeTopology:
+    if cfg.drafter.kind is DrafterKind.none:
+        return TreeTopology.chain(0)
+    if cfg.tree.policy is TreePolicy.chain:
+        return TreeTopology.chain(cfg.tree.k)
+    return TreeTopology.static(cfg.tree.branching)
+
+
+def _child_kind(cfg: SpecConfig) -> ChildKind:
+    if cfg.drafter.kind is not DrafterKind.model or cfg.sampling.temperature == 0:
+        return ChildKind.deterministic  # n-gram drafts, and greedy decoding, use deterministic picks
+    return {ChildSampling.topk: ChildKind.deterministic, ChildSampling.iid: ChildKind.iid,
+            ChildSampling.wor: ChildKind.wor}[cfg.tree.children]
+
+
+def _check_sampling(cfg: SpecConfig, topo: TreeTopology, kind: ChildKind) -> None:
+    s, rule = cfg.sampling, cfg.sampling.acceptance
+    if s.temperature == 0:
+        if s.top_k or s.top_p < 1.0:
+            _warn("sampling.top_k/top_p", "no effect under greedy decoding (temperature = 0)")
+        if rule is not AcceptanceRule.auto:
+            _warn("sampling.acceptance", "no effect under greedy decoding (temperature = 0)")
+        return
+    multi = any(len(c) > 1 for c in topo.children)
+    safe = "use sampling.acceptance=auto (or sample_match)"
+    if rule is AcceptanceRule.rrs_draft_probs and kind is ChildKind.deterministic:
+        how = "prompt-lookup drafts" if cfg.drafter.kind is DrafterKind.prompt_lookup else "top-k children"
+        raise ConfigError("sampling.acceptance", f"biased at temperature > 0: {how} are deterministic, so the "
+                          f"drafter probabilities are not their proposal; {safe}", rule.value)
+    if rule is AcceptanceRule.rrs_wor and kind is ChildKind.deterministic:
+        raise ConfigError("sampling.acceptance", f"biased at temperature > 0: deterministic children are not "
+                          f"sampled without replacement; {safe}", rule.value)
+    if multi and rule is AcceptanceRule.rrs_draft_probs and kind is ChildKind.wor:
+        raise ConfigError("sampling.acceptance", "biased at temperature > 0: children sampled without "
+                          f"replacement need the WOR residual; {safe} (or rrs_wor)", rule.value)
+    if multi and rule is AcceptanceRule.rrs_wor and kind is ChildKind.iid:
+        raise ConfigError("sampling.acceptance", "biased at temperature > 0: i.i.d. children must not zero "
+                          f"earlier siblings; {safe} (or rrs_draft_probs)", rule.value)
+
+
+def validate(cfg: SpecConfig) -> Resolved:
+    """All cross-field rules; returns the resolved config or raises one ConfigError."""
+    t = cfg.target
+    if t.max_seq_len < 2:
+        raise ConfigError("target.max_seq_len", "must be >= 2", t.max_seq_len)
+    target_arch = _arch(t.model, "target.model", None)
+    if t.max_seq_len > target_arch.max_position_embeddings:
+        raise ConfigError("target.max_seq_len", f"exceeds the checkpoint's max_position_embeddings "
+                          f"({target_arch.max_position_embeddings})", t.max_seq_len)
+    if t.tokenizer is not None and not resolve_path(t.tokenizer).exists():
+        raise ConfigError("target.tokenizer", f"not found: {resolve_path(t.tokenizer)}", t.tokenizer)
+
+    d = cfg.drafter
+    drafter_arch = None
+    if d.kind is DrafterKind.model:
+        drafter_arch = _arch(d.model, "drafter.model", target_arch)
+        if drafter_arch.vocab_size > target_arch.vocab_size:
+            raise ConfigError("drafter.model.vocab_size", f"drafter vocabulary ({drafter_arch.vocab_size}) is "
+                              f"larger than the target's ({target_arch.vocab_size}); drafts must be target ids",
+                              drafter_arch.vocab_size)
+        _check_same_tokenizer(cfg)
+
+    topo = _topology(cfg)
+    if d.kind is DrafterKind.none and (cfg.tree.policy is TreePolicy.static or cfg.tree.k > 0):
+        _warn("tree", "no effect with drafter=none (plain autoregressive decoding)")
+    if d.kind is DrafterKind.prompt_lookup and cfg.tree.children is not ChildSampling.topk:
+        _warn("tree.children", "no effect with drafter=prompt_lookup (n-gram drafts are deterministic)")
+    if topo.n > t.max_seq_len // 2:
+        raise ConfigError("tree", f"a tree of {topo.n} nodes does not fit target.max_seq_len={t.max_seq_len} "
+                          "(at most half the context)")
+    kind = _child_kind(cfg)
+    _check_sampling(cfg, topo, kind)
+
+    if cfg.prompt is not None and cfg.prompts is not None:
+        raise ConfigError("prompts", "set either prompt or prompts, not both", cfg.prompts)
+    if cfg.prompts is not None and not resolve_path(cfg.prompts).is_file():
+        raise ConfigError("prompts", f"prompt file not found: {resolve_path(cfg.prompts)}", cfg.prompts)
+    if cfg.backend.device is Device.cuda:
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("backend.device", "CUDA is not available on this machine (use auto or cpu)", "cuda")
+    return Resolved(cfg, target_arch, drafter_arch, topo, kind, cfg.sampling.acceptance)
+
+
+def _check_same_tokenizer(cfg: SpecConfig) -> None:
+    """A checkpoint drafter must share the target's tokenizer (we do not map between vocabularies)."""
+    tm, dm = cfg.target.model, cfg.drafter.model
+    if dm.source is not ModelSource.checkpoint or tm.source is not ModelSource.checkpoint:
+        return
+    a, b = resolve_path(tm.checkpoint) / "tokenizer.json", resolve_path(dm.checkpoint) / "tokenizer.json"
+    if a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
+        from tokenizers import Tokenizer
+        if Tokenizer.from_file(str(a)).get_vocab() != Tokenizer.from_file(str(b)).get_vocab():
+            raise ConfigError("drafter.model.checkpoint", f"tokenizer differs from the target's ({b} vs {a}); "
+                              "cross-vocabulary drafting is not supported", dm.checkpoint)
