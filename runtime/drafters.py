@@ -113,21 +113,19 @@ class PromptLookupDrafter:
         pass
 
     def _continuations(self, tokens: list[int], depth: int) -> list[list[int]]:
-        """Continuations after the most recent matches of the longest matching suffix n-gram."""
+        """Up to `width` distinct continuations: longest matching suffix n-gram first, most recent match first."""
         t = torch.tensor(tokens)
+        conts: list[list[int]] = []
         for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
             windows = t[:-1].unfold(0, n, 1)  # [len-n, n]: every earlier n-gram (not the suffix itself)
             hits = (windows == t[-n:]).all(dim=1).nonzero().flatten().tolist()
-            conts: list[list[int]] = []
             for start in reversed(hits):
                 cont = tokens[start + n:start + n + depth]
                 if cont and cont not in conts:
                     conts.append(cont)
                 if len(conts) == self.width:
-                    break
-            if conts:
-                return conts
-        return []
+                    return conts
+        return conts
 
     def propose(self, tokens: list[int], max_depth: int, gen: torch.Generator | None) -> DraftTree:
         conts = self._continuations(tokens, min(self.depth, max_depth))

@@ -55,18 +55,16 @@ def read_questions(cfg: SpecConfig) -> list[Question]:
 
 
 def answer(rt: Runtime, q: Question, max_new_tokens: int, seed: int) -> tuple[list[str], list[DecodeResult]]:
-    """Decode every turn of a question; later turns see the earlier turns and answers."""
-    context, texts, results = "", [], []
-    for turn in q.turns:
-        context += turn
-        ids = rt.tokenizer.encode(context).ids
+    """Decode every turn of a question; later turns see the earlier turns and the generated ids."""
+    context, texts, results = [], [], []
+    for i, turn in enumerate(q.turns):
+        context += rt.tokenizer.encode(("\n" if i else "") + turn).ids
         try:
-            r = rt.generate(ids, max_new_tokens, seed)
+            r = rt.generate(context, max_new_tokens, seed)
         except InputError as e:
             raise InputError(f"question {q.question_id}", e.reason) from None
-        text = rt.tokenizer.decode(r.output_ids)
-        context += text + "\n"
-        texts.append(text)
+        context += r.output_ids
+        texts.append(rt.tokenizer.decode(r.output_ids))
         results.append(r)
     return texts, results
 

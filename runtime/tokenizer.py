@@ -10,7 +10,7 @@ from typing import Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from runtime.models.checkpoint import load_tokenizer
+from runtime.models.checkpoint import load_tokenizer, load_tokenizer_file
 
 EOT = "<|endoftext|>"
 
@@ -44,4 +44,4 @@ def get_tokenizer(path: Optional[str]) -> Tokenizer:
     if path is None:
         return byte_level_tokenizer()
     p = Path(path)
-    return load_tokenizer(p.parent if p.name == "tokenizer.json" else p)
+    return load_tokenizer(p) if p.is_dir() else load_tokenizer_file(p)

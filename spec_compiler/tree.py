@@ -127,9 +127,11 @@ class TreeTopology:
     def select(self, nodes: Sequence[int]) -> "TreeTopology":
         """The sub-tree on `nodes` (ascending, contains 0, closed under parent), renumbered 0..m-1."""
         nodes = sorted(set(int(x) for x in nodes))
+        if not nodes or nodes[0] != 0 or nodes[-1] >= self.n:
+            raise ValueError(f"select() needs the root and ids in [0, {self.n}), got {nodes[:8]}")
         index = {old: new for new, old in enumerate(nodes)}
-        if nodes[0] != 0 or any(self.parents[x] not in index for x in nodes[1:]):
-            raise ValueError("select() needs the root and every selected node's parent")
+        if any(self.parents[x] not in index for x in nodes[1:]):
+            raise ValueError("select() needs every selected node's parent")
         return TreeTopology(tuple(-1 if x == 0 else index[self.parents[x]] for x in nodes))
 
     def truncate(self, max_depth: int) -> "TreeTopology":

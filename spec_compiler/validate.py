@@ -108,6 +108,8 @@ def _check_sampling(cfg: SpecConfig, topo: TreeTopology, kind: ChildKind) -> Non
             _warn("sampling.top_k/top_p", "no effect under greedy decoding (temperature = 0)")
         if rule is not AcceptanceRule.auto:
             _warn("sampling.acceptance", "no effect under greedy decoding (temperature = 0)")
+        if cfg.drafter.kind is DrafterKind.model and cfg.tree.children is not ChildSampling.topk:
+            _warn("tree.children", "no effect under greedy decoding (temperature = 0): children are the top-k")
         return
     multi = any(len(c) > 1 for c in topo.children)
     safe = "use sampling.acceptance=auto (or sample_match)"
@@ -121,9 +123,9 @@ def _check_sampling(cfg: SpecConfig, topo: TreeTopology, kind: ChildKind) -> Non
     if multi and rule is AcceptanceRule.rrs_draft_probs and kind is ChildKind.wor:
         raise ConfigError("sampling.acceptance", "biased at temperature > 0: children sampled without "
                           f"replacement need the WOR residual; {safe} (or rrs_wor)", rule.value)
-    if multi and rule is AcceptanceRule.rrs_wor and kind is ChildKind.iid:
-        raise ConfigError("sampling.acceptance", "biased at temperature > 0: i.i.d. children must not zero "
-                          f"earlier siblings; {safe} (or rrs_draft_probs)", rule.value)
+    # i.i.d. children checked with rrs_wor stay exact (a repeated sibling has proposal 0 and is skipped, and
+    # a fresh one is distributed as p minus the earlier siblings): the enumeration tests prove it, so it is
+    # allowed, unlike the "i.i.d. + WOR zeroing" row of ALGORITHMS.md §8.3, which assumes repeats are tried.
 
 
 def validate(cfg: SpecConfig) -> Resolved:
@@ -146,10 +148,13 @@ def validate(cfg: SpecConfig) -> Resolved:
             raise ConfigError("drafter.model.vocab_size", f"drafter vocabulary ({drafter_arch.vocab_size}) is "
                               f"larger than the target's ({target_arch.vocab_size}); drafts must be target ids",
                               drafter_arch.vocab_size)
+        if t.max_seq_len > drafter_arch.max_position_embeddings:
+            raise ConfigError("target.max_seq_len", f"exceeds the drafter's max_position_embeddings "
+                              f"({drafter_arch.max_position_embeddings})", t.max_seq_len)
         _check_same_tokenizer(cfg)
 
     topo = _topology(cfg)
-    if d.kind is DrafterKind.none and (cfg.tree.policy is TreePolicy.static or cfg.tree.k > 0):
+    if d.kind is DrafterKind.none and cfg.tree.policy is TreePolicy.static:
         _warn("tree", "no effect with drafter=none (plain autoregressive decoding)")
     if d.kind is DrafterKind.prompt_lookup and cfg.tree.children is not ChildSampling.topk:
         _warn("tree.children", "no effect with drafter=prompt_lookup (n-gram drafts are deterministic)")
@@ -171,13 +176,36 @@ def validate(cfg: SpecConfig) -> Resolved:
 
 
 def _check_same_tokenizer(cfg: SpecConfig) -> None:
-    """A checkpoint drafter must share the target's tokenizer (we do not map between vocabularies)."""
-    tm, dm = cfg.target.model, cfg.drafter.model
-    if dm.source is not ModelSource.checkpoint or tm.source is not ModelSource.checkpoint:
+    """A checkpoint drafter must share the target's tokenizer (we do not map between vocabularies).
+
+    The target's tokenizer is the one it will run with: `target.tokenizer`, else its checkpoint's, else the
+    built-in byte-level one (random weights)."""
+    from runtime.tokenizer import get_tokenizer
+    t, dm = cfg.target, cfg.drafter.model
+    if dm.source is not ModelSource.checkpoint:
+        return  # random and target_copy drafters speak the target's ids
+    b = resolve_path(dm.checkpoint) / "tokenizer.json"
+    if not b.is_file():
         return
-    a, b = resolve_path(tm.checkpoint) / "tokenizer.json", resolve_path(dm.checkpoint) / "tokenizer.json"
-    if a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
-        from tokenizers import Tokenizer
-        if Tokenizer.from_file(str(a)).get_vocab() != Tokenizer.from_file(str(b)).get_vocab():
-            raise ConfigError("drafter.model.checkpoint", f"tokenizer differs from the target's ({b} vs {a}); "
-                              "cross-vocabulary drafting is not supported", dm.checkpoint)
+    if t.tokenizer is not None:
+        a = resolve_path(t.tokenizer)
+        a = a / "tokenizer.json" if a.is_dir() else a
+    elif t.model.source is ModelSource.checkpoint:
+        a = resolve_path(t.model.checkpoint) / "tokenizer.json"
+    else:
+        a = None
+    if a is not None and (not a.is_file() or a.read_bytes() == b.read_bytes()):
+        return
+    try:
+        target_vocab = get_tokenizer(None if a is None else str(a)).get_vocab()
+    except CheckpointError as e:
+        raise ConfigError("target.tokenizer" if t.tokenizer is not None else "target.model.checkpoint",
+                          str(e)) from e
+    try:
+        drafter_vocab = get_tokenizer(str(b)).get_vocab()
+    except CheckpointError as e:
+        raise ConfigError("drafter.model.checkpoint", str(e)) from e
+    if target_vocab != drafter_vocab:
+        raise ConfigError("drafter.model.checkpoint", f"tokenizer differs from the target's ({b} vs "
+                          f"{a or 'the built-in byte-level tokenizer'}); cross-vocabulary drafting is not supported",
+                          dm.checkpoint)

@@ -262,7 +262,8 @@ def ours_to_hf(model: LlamaModel) -> dict[str, Tensor]:
         w[p + "mlp.down_proj.weight"] = sd[q + "feed_forward.w2.weight"]
         w[p + "input_layernorm.weight"] = sd[q + "attention_norm.weight"]
         w[p + "post_attention_layernorm.weight"] = sd[q + "ffn_norm.weight"]
-    return {k: v.contiguous().cpu() for k, v in w.items()}
+    # Own contiguous storage per tensor: q/k/v are views of wqkv, and safetensors refuses shared storage.
+    return {k: v.cpu().clone(memory_format=torch.contiguous_format) for k, v in w.items()}
 
 
 def _weight_files(d: Path) -> tuple[Path, dict[Path, list[str]]]:
@@ -289,19 +290,21 @@ def _weight_files(d: Path) -> tuple[Path, dict[Path, list[str]]]:
 
 def _read_shard(f: Path, promised: list[str], wanted: dict[str, tuple[int, ...]],
                 dtype: torch.dtype) -> dict[str, Tensor]:
+    w: dict[str, Tensor] = {}
     try:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             keys = set(sf.keys())
             absent = [n for n in promised if n in wanted and n not in keys]
-            w = {n: sf.get_tensor(n) for n in keys & wanted.keys()}
+            if absent:
+                raise CheckpointError(str(f), f"tensor {absent[0]} listed in the index is not in this shard")
+            for n in sorted(keys & wanted.keys()):
+                shape = tuple(sf.get_slice(n).get_shape())
+                if shape != wanted[n]:
+                    raise CheckpointError(str(f), f"tensor {n} has shape {shape}, expected {wanted[n]}")
+                w[n] = sf.get_tensor(n).to(dtype)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(str(f), f"corrupt or truncated safetensors file ({e})") from None
-    if absent:
-        raise CheckpointError(str(f), f"tensor {absent[0]} listed in the index is not in this shard")
-    for n, t in w.items():
-        if tuple(t.shape) != wanted[n]:
-            raise CheckpointError(str(f), f"tensor {n} has shape {tuple(t.shape)}, expected {wanted[n]}")
-    return {n: t.to(dtype) for n, t in w.items()}
+    return w
 
 
 def _read_tensors(d: Path, wanted: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, Tensor]:
@@ -320,8 +323,7 @@ def _read_tensors(d: Path, wanted: dict[str, tuple[int, ...]], dtype: torch.dtyp
 def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LlamaModel:
     """A LlamaModel from a Hugging Face checkpoint directory, in `dtype` on `device`, in eval mode."""
     d = _checkpoint_dir(path)
-    cfg_file = d / "config.json"
-    config = config_from_hf(_read_json(cfg_file), where=str(cfg_file))
+    config = read_llama_config(d)
     w = _read_tensors(d, hf_shapes(config), dtype)
     with torch.device("meta"):
         model = LlamaModel(config)
@@ -342,7 +344,11 @@ def save_llama(model: LlamaModel, path: str | Path) -> None:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    file = _checkpoint_dir(path) / "tokenizer.json"
+    """The `tokenizer.json` of a checkpoint directory."""
+    return load_tokenizer_file(_checkpoint_dir(path) / "tokenizer.json")
+
+
+def load_tokenizer_file(file: Path) -> Tokenizer:
     if not file.is_file():
         raise CheckpointError(str(file), "file not found")
     try:

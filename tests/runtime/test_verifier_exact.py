@@ -447,19 +447,47 @@ def test_single_child_combinations_are_lossless():
 @pytest.mark.parametrize("name,kind,rule", [
     ("chain1", DET, A.RRS_DRAFT_PROBS),        # static / top-k tree + RRS with draft probabilities
     ("2", DET, A.RRS_DRAFT_PROBS),
-    ("2", IID, A.RRS_WOR),                     # i.i.d. children + WOR zeroing
-    ("3", IID, A.RRS_WOR),
+    ("3x1", DET, A.RRS_DRAFT_PROBS),
+    ("chain1", DET, A.RRS_WOR),                # deterministic children + WOR proposals (also refused)
+    ("2", DET, A.RRS_WOR),
     ("2", WOR, A.RRS_DRAFT_PROBS),             # WOR children without zeroing
     ("3", WOR, A.RRS_DRAFT_PROBS),
     ("2x1x1", WOR, A.RRS_DRAFT_PROBS),
 ])
 def test_biased_combinations(name, kind, rule):
+    """§8.3 rows that are really biased at T > 0. The world is chosen so that q > p on >= 2 tokens:
+    when max(q - p, 0) is a point mass the first-stage residual is δ and every later proposal
+    gives the same answer, so seed 900 (one such token) shows no bias for WOR + RRS_DRAFT_PROBS."""
     topo = TreeTopology.chain(1) if name == "chain1" else TREES[name]
-    w = World(V=4, seed=900)
+    w = World(V=4, seed=906)
+    assert int((w.q((1, 2)) > w.p((1, 2))).sum()) >= 2
     d = max_bias(w, topo, kinds_for(topo, kind), rule, (1, 2), topo.max_depth + 1)
     assert d > BIAS, f"expected a visible bias, got {d:.3e}"
     # the same world and tree are exact with the right rule
     assert max_bias(w, topo, kinds_for(topo, kind), A.AUTO, (1, 2), topo.max_depth + 1) < TOL
+
+
+@pytest.mark.parametrize("name,V,seed", [("2", 4, 906), ("3", 4, 906), ("3x1", 4, 906), ("2x1x1", 4, 906),
+                                         ("irregular", 4, 906), ("2", 5, 900), ("3", 5, 900),
+                                         ("2", 5, 905), ("3", 5, 905)])
+def test_iid_children_with_wor_zeroing_is_exact(name, V, seed):
+    """FINDING (contradicts ALGORITHMS.md §8.3 row "i.i.d. children + WOR zeroing: biased"):
+    with this verifier, i.i.d. siblings verified with RRS_WOR proposals are LOSSLESS.
+
+    Why: given the history, the i.i.d. draw x_k either repeats an earlier sibling (then
+    r_k(x_k) = 0, `rrs_step` returns (0, res) and the stage is skipped with the residual unchanged, so
+    the remaining stages output res) or it does not, and then its conditional law is exactly
+    p with the earlier siblings removed and renormalised = r_k, so the stage is a correct RRS stage
+    that outputs res. A mixture of two procedures that both output res outputs res. The validator's
+    refusal of this pair is therefore conservative, not required for losslessness (it is harmless:
+    on these worlds RRS_WOR accepts fewer i.i.d. children than AUTO). The same worlds show
+    WOR + RRS_DRAFT_PROBS biased, so the harness has the power to see a bias here."""
+    w = World(V=V, seed=seed)
+    topo = TREES[name]
+    d = max_bias(w, topo, kinds_for(topo, IID), A.RRS_WOR, (1, 2), topo.max_depth + 1)
+    assert d < TOL
+    d_wor = max_bias(w, topo, kinds_for(topo, WOR), A.RRS_DRAFT_PROBS, (1, 2), topo.max_depth + 1)
+    assert d_wor > 1e-4
 
 
 def test_biased_combinations_are_lossless_under_greedy():

@@ -16,7 +16,9 @@ from spec_compiler.tree import TreeTopology
 MAX_DEPTH = 6
 MAX_BRANCH = 4
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: the same examples every run, so a CI failure reproduces (TESTING.md: fixed seeds)
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 # ---------------------------------------------------------------------------------------------------
