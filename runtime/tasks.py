@@ -30,11 +30,13 @@ class Question:
 
 
 def read_questions(cfg: SpecConfig) -> list[Question]:
-    if cfg.prompts is None:
+    file = cfg.prompts if cfg.prompts is not None or cfg.prompt is not None else cfg.task.default_prompts
+    key = "prompts" if cfg.prompts is not None else "task.default_prompts"
+    if file is None:
         qs = [Question(0, "cli" if cfg.prompt is not None else "default",
                        (cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPT,))]
     else:
-        path = resolve_path(cfg.prompts)
+        path = resolve_path(file)
         qs = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
@@ -46,9 +48,9 @@ def read_questions(cfg: SpecConfig) -> list[Question]:
                     raise ValueError("'turns' must be a non-empty list of strings")
                 qs.append(Question(row.get("question_id", n), str(row.get("category", "")), tuple(turns)))
             except (ValueError, KeyError, TypeError) as e:
-                raise ConfigError("prompts", f"{path}:{n}: not a Spec-Bench question row ({e})") from None
+                raise ConfigError(key, f"{path}:{n}: not a Spec-Bench question row ({e})") from None
         if not qs:
-            raise ConfigError("prompts", f"{path}: no questions", cfg.prompts)
+            raise ConfigError(key, f"{path}: no questions", file)
     if cfg.task.num_prompts > 0:
         qs = qs[:cfg.task.num_prompts]
     return qs

@@ -168,6 +168,9 @@ def validate(cfg: SpecConfig) -> Resolved:
         raise ConfigError("prompts", "set either prompt or prompts, not both", cfg.prompts)
     if cfg.prompts is not None and not resolve_path(cfg.prompts).is_file():
         raise ConfigError("prompts", f"prompt file not found: {resolve_path(cfg.prompts)}", cfg.prompts)
+    dp = cfg.task.default_prompts
+    if cfg.prompts is None and cfg.prompt is None and dp is not None and not resolve_path(dp).is_file():
+        raise ConfigError("task.default_prompts", f"prompt file not found: {resolve_path(dp)}", dp)
     if cfg.backend.device is Device.cuda:
         import torch
         if not torch.cuda.is_available():
