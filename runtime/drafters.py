@@ -30,12 +30,14 @@ class NoDrafter:
 
 class ModelDrafter:
     def __init__(self, model: LlamaModel, topology: TreeTopology, capacity: int, child_kind: ChildKind,
-                 temperature: float, target_vocab: int):
+                 temperature: float, target_vocab: int, cache=None):
+        """`model`: a LlamaModel or Mamba2LMModel (same forward contract); `cache`: a prebuilt cache of
+        `capacity` slots, else model.new_cache(1, capacity)."""
         assert topology.is_level_ordered, "drafting fills one level per forward"
         self.model, self.topology, self.kind = model, topology, child_kind
         self.temperature, self.vocab = temperature, target_vocab
         self.device = next(model.parameters()).device
-        self.cache = model.new_cache(1, capacity)
+        self.cache = cache if cache is not None else model.new_cache(1, capacity)
         self.cached = 0  # slots [0, cached) hold the KV of tokens[0:cached]
 
     def reset(self) -> None:

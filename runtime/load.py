@@ -12,8 +12,10 @@ from tokenizers import Tokenizer
 
 from runtime.decode import DecodeResult, SamplingParams, StepState, decode
 from runtime.drafters import ModelDrafter, NoDrafter, PromptLookupDrafter
+from runtime.models import mamba2
 from runtime.models.checkpoint import load_llama, read_eos_ids
-from runtime.models.llama import KVCache, LlamaConfig, LlamaModel, init_random, perturbed_copy
+from runtime.models.llama import LlamaConfig, LlamaModel, init_random, perturbed_copy
+from runtime.models.mamba_checkpoint import load_mamba2
 from runtime.sampling import AcceptanceRule, ChildKind
 from runtime.tokenizer import EOT, get_tokenizer
 from spec_compiler.plan import ModelPlan, Plan
@@ -22,21 +24,29 @@ from spec_compiler.tree import TreeTopology
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_model(m: ModelPlan, device: str, target: Optional[LlamaModel] = None) -> LlamaModel:
+def build_model(m: ModelPlan, device: str, target=None):
+    """A LlamaModel or Mamba2LMModel (same forward/cache contract) from its plan."""
     dtype = DTYPES[m.dtype]
+    ssm = m.kind != "transformer"
     if m.source == "checkpoint":
-        return load_llama(m.checkpoint, dtype=dtype, device=device)
+        return (load_mamba2 if ssm else load_llama)(m.checkpoint, dtype=dtype, device=device)
     if m.source == "target_copy":
         assert target is not None
-        return perturbed_copy(target, m.noise_std, m.seed).to(device=device, dtype=dtype).eval()
-    return init_random(LlamaConfig.from_dict(dict(m.arch)), m.seed).to(device=device, dtype=dtype).eval()
+        noisy = (mamba2.perturbed_copy if ssm else perturbed_copy)(target, m.noise_std, m.seed)
+        return noisy.to(device=device, dtype=dtype).eval()
+    arch = {k: (float(v) if v in ("inf", "-inf") else v) for k, v in m.arch}
+    model = (mamba2.init_random_mamba2(mamba2.Mamba2Config.from_dict(arch), m.seed) if ssm
+             else init_random(LlamaConfig.from_dict(arch), m.seed))
+    return model.to(device=device, dtype=dtype).eval()
 
 
 @dataclass
 class Runtime:
     plan: Plan
-    target: LlamaModel
-    cache: KVCache
+    target: object
+    """LlamaModel or Mamba2LMModel."""
+    cache: object
+    """KVCache or SSMCache, sized from the plan."""
     drafter: object
     tokenizer: Tokenizer
     eos_ids: tuple[int, ...]
@@ -56,7 +66,14 @@ class Runtime:
         return Runtime(self.plan, self.target, self.cache, drafter, self.tokenizer, self.eos_ids, self.sampling)
 
 
-def make_drafter(plan: Plan, target: LlamaModel):
+def new_cache(model, plan: Plan):
+    """A cache of plan.cache_capacity slots; SSM caches also keep per-node scratch states for one tree."""
+    if isinstance(model, mamba2.Mamba2LMModel):
+        return model.new_cache(1, plan.cache_capacity, num_scratch=len(plan.tree_parents) + 1)
+    return model.new_cache(1, plan.cache_capacity)
+
+
+def make_drafter(plan: Plan, target):
     topo = TreeTopology(plan.tree_parents)
     if plan.drafter_kind == "none":
         return NoDrafter()
@@ -64,12 +81,12 @@ def make_drafter(plan: Plan, target: LlamaModel):
         return PromptLookupDrafter(topo, *plan.prompt_lookup)
     model = build_model(plan.drafter, plan.device, target)
     return ModelDrafter(model, topo, plan.cache_capacity, ChildKind(plan.child_kind), plan.drafter_temperature,
-                        target.config.vocab_size)
+                        target.config.vocab_size, cache=new_cache(model, plan))
 
 
 def load(plan: Plan) -> Runtime:
     target = build_model(plan.target, plan.device)
-    cache = target.new_cache(1, plan.cache_capacity)
+    cache = new_cache(target, plan)
     tokenizer = get_tokenizer(plan.tokenizer)
     if plan.target.source == "checkpoint":
         eos = tuple(read_eos_ids(plan.target.checkpoint))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -20,11 +21,13 @@ PLAN_VERSION = 1
 
 @dataclass(frozen=True)
 class ModelPlan:
+    kind: str
+    """transformer | mamba2 | hybrid."""
     source: str
     checkpoint: Optional[str]
     """Absolute checkpoint directory (source=checkpoint)."""
     arch: tuple
-    """LlamaConfig as sorted (key, value) pairs."""
+    """LlamaConfig / Mamba2Config as sorted (key, value) pairs (lists as tuples)."""
     dtype: str
     seed: int
     noise_std: float
@@ -88,10 +91,23 @@ def environment() -> dict:
     return env
 
 
-def _model_plan(m: ModelConfig, arch) -> ModelPlan:
+def _canonical(v):
+    """Lists -> tuples, and infinities -> strings (canonical JSON has no Infinity)."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_canonical(x) for x in v)
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
+
+
+def _model_plan(m: ModelConfig, arch, kind: str) -> ModelPlan:
     ckpt = str(resolve_path(m.checkpoint)) if m.source is ModelSource.checkpoint else None
-    return ModelPlan(m.source.value, ckpt, tuple(sorted(arch.to_dict().items())), m.dtype.value, m.seed,
-                     m.noise_std)
+    return ModelPlan(kind, m.source.value, ckpt, tuple(sorted((k, _canonical(v)) for k, v in arch.to_dict().items())),
+                     m.dtype.value, m.seed, m.noise_std)
+
+
+def _kind(m: ModelConfig, target: ModelConfig) -> str:
+    return (target if m.source is ModelSource.target_copy else m).arch.value
 
 
 def _device(resolved: Resolved) -> str:
@@ -115,10 +131,11 @@ def make_plan(resolved: Resolved) -> Plan:
                      cfg.backend.kind.value])
     return Plan(
         name=name,
-        target=_model_plan(cfg.target.model, resolved.target_arch),
+        target=_model_plan(cfg.target.model, resolved.target_arch, cfg.target.model.arch.value),
         tokenizer=tok,
         drafter_kind=d.kind.value,
-        drafter=_model_plan(d.model, resolved.drafter_arch) if resolved.drafter_arch is not None else None,
+        drafter=(_model_plan(d.model, resolved.drafter_arch, _kind(d.model, cfg.target.model))
+                 if resolved.drafter_arch is not None else None),
         drafter_temperature=float(d.temperature),
         prompt_lookup=(pl.min_ngram, pl.max_ngram, pl.num_pred_tokens),
         tree_policy=cfg.tree.policy.value,

@@ -15,13 +15,18 @@ from typing import Optional
 
 from runtime.models.checkpoint import read_llama_config
 from runtime.models.llama import LlamaConfig
+from runtime.models.mamba2 import Mamba2Config
+from runtime.models.mamba_checkpoint import read_mamba2_config
 from runtime.sampling import AcceptanceRule, ChildKind
 from spec_compiler.errors import CheckpointError, ConfigError
-from spec_compiler.schema import (ChildSampling, Device, DrafterKind, ModelConfig, ModelSource, SpecConfig,
+from spec_compiler.schema import (Arch, ChildSampling, Device, DrafterKind, ModelConfig, ModelSource, SpecConfig,
                                   TreePolicy)
 from spec_compiler.tree import TreeTopology
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+ModelArch = LlamaConfig | Mamba2Config
 
 
 class IneffectiveSettingWarning(UserWarning):
@@ -33,8 +38,8 @@ class Resolved:
     """A validated config plus what validation had to read to check it (the models' architectures)."""
 
     cfg: SpecConfig
-    target_arch: LlamaConfig
-    drafter_arch: Optional[LlamaConfig]
+    target_arch: ModelArch
+    drafter_arch: Optional[ModelArch]
     topology: TreeTopology
     child_kind: ChildKind
     acceptance: AcceptanceRule
@@ -50,7 +55,7 @@ def _warn(key: str, msg: str) -> None:
     warnings.warn(f"{key}: {msg}", IneffectiveSettingWarning, stacklevel=3)
 
 
-def _arch(m: ModelConfig, key: str, target: Optional[LlamaConfig]) -> LlamaConfig:
+def _arch(m: ModelConfig, key: str, target: Optional[ModelArch]) -> ModelArch:
     if m.source is ModelSource.checkpoint:
         if not m.checkpoint:
             raise ConfigError(f"{key}.checkpoint", "required when source=checkpoint")
@@ -58,9 +63,13 @@ def _arch(m: ModelConfig, key: str, target: Optional[LlamaConfig]) -> LlamaConfi
         if not path.is_dir():
             raise ConfigError(f"{key}.checkpoint", f"checkpoint directory not found: {path}", m.checkpoint)
         try:
-            return read_llama_config(path)
+            arch = read_llama_config(path) if m.arch is Arch.transformer else read_mamba2_config(path)
         except CheckpointError as e:
             raise ConfigError(f"{key}.checkpoint", str(e)) from e
+        if isinstance(arch, Mamba2Config) and arch.is_hybrid != (m.arch is Arch.hybrid):
+            found = "hybrid" if arch.is_hybrid else "mamba2"
+            raise ConfigError(f"{key}.arch", f"the checkpoint is a {found} model", m.arch.value)
+        return arch
     if m.source is ModelSource.target_copy:
         if target is None:
             raise ConfigError(f"{key}.source", "target_copy is only valid for the drafter")
@@ -72,18 +81,53 @@ def _arch(m: ModelConfig, key: str, target: Optional[LlamaConfig]) -> LlamaConfi
             raise ConfigError(f"{key}.{name}", "must be >= 1", getattr(m, name))
     if m.vocab_size < 2:
         raise ConfigError(f"{key}.vocab_size", "must be >= 2", m.vocab_size)
-    if m.hidden_size % m.num_heads:
+    attn = m.arch is not Arch.mamba2  # transformer and hybrid have attention layers
+    if attn and m.hidden_size % m.num_heads:
         raise ConfigError(f"{key}.num_heads", f"must divide hidden_size ({m.hidden_size})", m.num_heads)
-    if m.num_heads % m.num_kv_heads:
+    if attn and m.num_heads % m.num_kv_heads:
         raise ConfigError(f"{key}.num_kv_heads", f"must divide num_heads ({m.num_heads})", m.num_kv_heads)
-    if (m.hidden_size // m.num_heads) % 2:
+    if attn and (m.hidden_size // m.num_heads) % 2:
         raise ConfigError(f"{key}.hidden_size", "head_dim (hidden_size / num_heads) must be even for RoPE",
                           m.hidden_size)
-    return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                       intermediate_size=m.intermediate_size, rope_theta=m.rope_theta,
-                       tie_word_embeddings=m.tie_word_embeddings, attention_bias=m.family.value == "qwen2",
-                       max_position_embeddings=1 << 20, family=m.family.value)
+    if m.arch is Arch.transformer:
+        if m.attn_layer_idx:
+            _warn(f"{key}.attn_layer_idx", "no effect for arch=transformer")
+        return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                           num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                           intermediate_size=m.intermediate_size, rope_theta=m.rope_theta,
+                           tie_word_embeddings=m.tie_word_embeddings, attention_bias=m.family.value == "qwen2",
+                           max_position_embeddings=1 << 20, family=m.family.value)
+    return _mamba2_arch(m, key)
+
+
+def _mamba2_arch(m: ModelConfig, key: str) -> Mamba2Config:
+    if m.arch is Arch.mamba2 and m.attn_layer_idx:
+        raise ConfigError(f"{key}.attn_layer_idx", "a mamba2 model has no attention layers (use arch=hybrid)",
+                          list(m.attn_layer_idx))
+    if m.arch is Arch.hybrid and not m.attn_layer_idx:
+        raise ConfigError(f"{key}.attn_layer_idx", "a hybrid needs at least one attention layer index", [])
+    for i in m.attn_layer_idx:
+        if not 0 <= i < m.num_layers:
+            raise ConfigError(f"{key}.attn_layer_idx", f"layer {i} is outside 0..{m.num_layers - 1}",
+                              list(m.attn_layer_idx))
+    for name in ("d_state", "expand", "headdim", "ngroups", "chunk_size"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"{key}.{name}", "must be >= 1", getattr(m, name))
+    if m.d_conv < 2:
+        raise ConfigError(f"{key}.d_conv", "must be >= 2", m.d_conv)
+    d_inner = m.expand * m.hidden_size
+    if d_inner % m.headdim:
+        raise ConfigError(f"{key}.headdim", f"must divide d_inner = expand * hidden_size ({d_inner})", m.headdim)
+    if (d_inner // m.headdim) % m.ngroups:
+        raise ConfigError(f"{key}.ngroups", f"must divide the number of SSM heads ({d_inner // m.headdim})",
+                          m.ngroups)
+    head_dim = m.hidden_size // m.num_heads
+    return Mamba2Config(vocab_size=m.vocab_size, d_model=m.hidden_size, n_layer=m.num_layers, d_state=m.d_state,
+                        d_conv=m.d_conv, expand=m.expand, headdim=m.headdim, ngroups=m.ngroups,
+                        chunk_size=m.chunk_size, d_intermediate=m.d_intermediate,
+                        attn_layer_idx=tuple(m.attn_layer_idx), attn_num_heads=m.num_heads,
+                        attn_num_heads_kv=m.num_kv_heads, attn_head_dim=head_dim, attn_rotary_dim=head_dim,
+                        attn_rotary_base=m.rope_theta, tie_embeddings=m.tie_word_embeddings)
 
 
 def _topology(cfg: SpecConfig) -> TreeTopology:
@@ -134,9 +178,10 @@ def validate(cfg: SpecConfig) -> Resolved:
     if t.max_seq_len < 2:
         raise ConfigError("target.max_seq_len", "must be >= 2", t.max_seq_len)
     target_arch = _arch(t.model, "target.model", None)
-    if t.max_seq_len > target_arch.max_position_embeddings:
-        raise ConfigError("target.max_seq_len", f"exceeds the checkpoint's max_position_embeddings "
-                          f"({target_arch.max_position_embeddings})", t.max_seq_len)
+    limit = getattr(target_arch, "max_position_embeddings", None)  # SSMs have no position limit
+    if limit is not None and t.max_seq_len > limit:
+        raise ConfigError("target.max_seq_len", f"exceeds the checkpoint's max_position_embeddings ({limit})",
+                          t.max_seq_len)
     if t.tokenizer is not None and not resolve_path(t.tokenizer).exists():
         raise ConfigError("target.tokenizer", f"not found: {resolve_path(t.tokenizer)}", t.tokenizer)
 
@@ -148,9 +193,10 @@ def validate(cfg: SpecConfig) -> Resolved:
             raise ConfigError("drafter.model.vocab_size", f"drafter vocabulary ({drafter_arch.vocab_size}) is "
                               f"larger than the target's ({target_arch.vocab_size}); drafts must be target ids",
                               drafter_arch.vocab_size)
-        if t.max_seq_len > drafter_arch.max_position_embeddings:
-            raise ConfigError("target.max_seq_len", f"exceeds the drafter's max_position_embeddings "
-                              f"({drafter_arch.max_position_embeddings})", t.max_seq_len)
+        limit = getattr(drafter_arch, "max_position_embeddings", None)
+        if limit is not None and t.max_seq_len > limit:
+            raise ConfigError("target.max_seq_len", f"exceeds the drafter's max_position_embeddings ({limit})",
+                              t.max_seq_len)
         _check_same_tokenizer(cfg)
 
     topo = _topology(cfg)
@@ -158,6 +204,10 @@ def validate(cfg: SpecConfig) -> Resolved:
         _warn("tree", "no effect with drafter=none (plain autoregressive decoding)")
     if d.kind is DrafterKind.prompt_lookup and cfg.tree.children is not ChildSampling.topk:
         _warn("tree.children", "no effect with drafter=prompt_lookup (n-gram drafts are deterministic)")
+    for arch, key in ((target_arch, "target"), (drafter_arch, "drafter")):
+        if isinstance(arch, Mamba2Config) and topo.n > arch.chunk_size:
+            raise ConfigError("tree", f"a tree of {topo.n} nodes exceeds the {key}'s single-chunk limit "
+                              f"(chunk_size={arch.chunk_size}) for SSM tree verification")
     if topo.n > t.max_seq_len // 2:
         raise ConfigError("tree", f"a tree of {topo.n} nodes does not fit target.max_seq_len={t.max_seq_len} "
                           "(at most half the context)")

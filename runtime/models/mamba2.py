@@ -1,0 +1,468 @@
+"""Mamba2 and Mamba2/attention hybrids whose forward verifies a whole token tree (STree) in one pass.
+
+The block structure follows mamba-ssm's `MambaLMHeadModel` (`mamba_ssm/models/mixer_seq_simple.py`,
+`modules/block.py`): an embedding, `n_layer` pre-norm residual blocks, each a mixer (Mamba2, or
+multi-head attention at the indices in `attn_layer_idx`) plus an optional gated MLP (`d_intermediate`
+> 0), a final RMSNorm and the LM head. The Mamba2 mixer follows `mamba_ssm/modules/mamba2.py` and the
+Hugging Face `Mamba2Mixer`: in_proj -> [z, xBC, dt]; depthwise causal conv1d + SiLU on xBC -> [x, B, C];
+`dt = clamp(softplus(dt + dt_bias), dt_limit)`, `A = -exp(A_log)` per head; the SSD recurrence with a
+D skip; gated RMSNorm `norm(y * silu(z))` per group (norm_before_gate=False); out_proj. The attention
+mixer follows `mamba_ssm/modules/mha.py` (fused in_proj q|k|v, partial rotate-half RoPE, out_proj).
+
+`forward(input_ids, position_ids, cache, start, attn_mask)` has the Llama model's contract (slots
+[start, start + T), `attn_mask[i, j]` iff slot j is an ancestor-or-self of node i). An SSM layer reads
+each node's parent off the mask (the largest other visible slot) and runs one of three paths:
+- causal, T > 1 (prefill, drafter catch-up): the chunked SSD scan from the committed state;
+- causal, T == 1 (autoregressive step): the recurrence once;
+- tree (any mask): the tree conv (windows gathered along ancestors, older entries from the state the
+  block root continues from) and the tree-masked SSD (`codegen/ssm_tree_scan.py`), every node at once;
+  each node's state and conv window go to the cache's scratch, from which `compact` commits.
+`SSMCache` (runtime/models/ssm_cache.py) documents the slot contract. Attention layers of a hybrid use
+a Llama `KVCache` held by the SSMCache.
+
+SSM arithmetic runs in fp32 (fp64 for fp64 models), as mamba-ssm does.
+
+Shape legend: b batch, T new tokens, S start + T, E d_model, H SSM heads, P head dim, G groups,
+N state size, Cd conv channels, W d_conv, R states a tree's roots continue from, V vocab.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from codegen.ssm_tree_scan import ssm_tree_scan, ssm_tree_scan_ref
+from runtime.models.llama import KVCache, rotate_half
+from runtime.models.ssm_cache import ForwardPlan, SSMCache
+
+DEFAULT_NUM_SCRATCH = 64
+
+
+@dataclass(frozen=True)
+class Mamba2Config:
+    vocab_size: int
+    """Rows of the embedding and the LM head (mamba-ssm's vocab after pad_vocab_size_multiple)."""
+    d_model: int
+    n_layer: int
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    """SSD chunk length of the causal (prefill) scan."""
+    d_intermediate: int = 0
+    """Hidden width of the gated MLP after every mixer; 0 = no MLP (pure Mamba2 blocks)."""
+    attn_layer_idx: tuple[int, ...] = ()
+    """Layers whose mixer is attention instead of Mamba2 (a hybrid); () = pure Mamba2."""
+    attn_num_heads: int = 0
+    attn_num_heads_kv: int | None = None
+    """None = attn_num_heads."""
+    attn_head_dim: int | None = None
+    """None = d_model // attn_num_heads."""
+    attn_rotary_dim: int = 0
+    """Leading head dims rotated by RoPE (rotate-half); 0 = no RoPE."""
+    attn_rotary_base: float = 10000.0
+    attn_qkv_bias: bool = True
+    attn_out_bias: bool = True
+    attn_softmax_scale: float | None = None
+    """None = head_dim ** -0.5."""
+    norm_epsilon: float = 1e-5
+    """Block and final RMSNorms."""
+    gated_norm_epsilon: float = 1e-5
+    """The mixer's gated RMSNorm (mamba-ssm hard-codes 1e-5; HF uses layer_norm_epsilon)."""
+    rmsnorm: bool = True
+    """Gated RMSNorm after the scan; False = plain `y * silu(z)`."""
+    D_has_hdim: bool = False
+    conv_bias: bool = True
+    bias: bool = False
+    """Bias on the mixer's in_proj and out_proj."""
+    dt_limit: tuple[float, float] = (0.0, math.inf)
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "attn_layer_idx", tuple(sorted(int(i) for i in self.attn_layer_idx)))
+        object.__setattr__(self, "dt_limit", tuple(float(x) for x in self.dt_limit))
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        if self.attn_layer_idx:
+            if self.attn_num_heads_kv is None:
+                object.__setattr__(self, "attn_num_heads_kv", self.attn_num_heads)
+            if self.attn_head_dim is None:
+                object.__setattr__(self, "attn_head_dim", self.d_model // self.attn_num_heads)
+            assert self.attn_num_heads > 0 and self.attn_num_heads % self.attn_num_heads_kv == 0, self
+            assert self.attn_rotary_dim % 2 == 0 and self.attn_rotary_dim <= self.attn_head_dim, self
+            assert all(0 <= i < self.n_layer for i in self.attn_layer_idx), self.attn_layer_idx
+        assert self.d_inner % self.headdim == 0, (self.d_inner, self.headdim)
+        assert self.nheads % self.ngroups == 0 and self.d_inner % self.ngroups == 0, (self.nheads, self.ngroups)
+        assert self.d_conv >= 2, self.d_conv
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+    @property
+    def is_hybrid(self) -> bool:
+        return bool(self.attn_layer_idx)
+
+    @property
+    def num_ssm_layers(self) -> int:
+        return self.n_layer - len(self.attn_layer_idx)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("attn_layer_idx", "dt_limit", "eos_token_ids"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Mamba2Config:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+# ---- the three SSM paths (torch) -------------------------------------------------------------------------
+
+def _expand_groups(m: Tensor, H: int, dim: int) -> Tensor:
+    return m.repeat_interleave(H // m.shape[dim], dim=dim)
+
+
+def ssm_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+             D: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One token: h = exp(dt A) h + dt x B^T, y = h C + D x (mamba-ssm `selective_state_update_ref`).
+
+    state: [b, H, P, N]; x: [b, H, P]; dt: [b, H]; A: [H]; B, C: [b, G, N]; D: [H] or [H, P]
+    -> y [b, H, P], new state [b, H, P, N].
+    """
+    H = x.shape[1]
+    Bh, Ch = _expand_groups(B, H, 1), _expand_groups(C, H, 1)  # [b, H, N]
+    h = torch.exp(dt * A)[..., None, None] * state + (dt[..., None] * x)[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", h, Ch)
+    if D is not None:
+        y = y + (D[:, None] if D.dim() == 1 else D) * x
+    return y, h
+
+
+def ssd_chunked_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                     D: Tensor | None = None, init_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The causal SSD scan (mamba-ssm `ssd_minimal_discrete` with an initial state): quadratic within
+    chunks of `chunk_size`, a recurrence over chunk states between them.
+
+    x: [b, T, H, P]; dt: [b, T, H]; A: [H]; B, C: [b, T, G, N]; D: [H] or [H, P]; init_state: [b, H, P, N]
+    -> y [b, T, H, P], final state [b, H, P, N].
+    """
+    b, T, H, P = x.shape
+    N = B.shape[-1]
+    pad = (-T) % chunk_size  # zero dt at the padding: decay 1 and no input, so the final state is unchanged
+    x, dt, Bh, Ch = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+                     for t in (x, dt, _expand_groups(B, H, 2), _expand_groups(C, H, 2)))
+    nc, cs = (T + pad) // chunk_size, chunk_size
+    x, Bh, Ch = (t.reshape(b, nc, cs, H, -1) for t in (x, Bh, Ch))  # [b, nc, cs, H, P | N]
+    dt = dt.reshape(b, nc, cs, H)
+    cum = torch.cumsum(dt * A, dim=2)  # [b, nc, cs, H] log-decay from the chunk start
+    causal = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()
+    seg = (cum[:, :, :, None, :] - cum[:, :, None, :, :]).clamp(max=0)  # [b, nc, cs(i), cs(j), H]
+    L = torch.where(causal[:, :, None], seg.exp(), torch.zeros((), dtype=x.dtype))
+    CB = torch.einsum("bcihn,bcjhn->bcijh", Ch, Bh)
+    y = torch.einsum("bcijh,bcjhp->bcihp", L * CB * dt[:, :, None], x)
+    # what each chunk adds to the state at its end, then the recurrence over chunks
+    to_end = torch.exp(cum[:, :, -1:] - cum) * dt  # [b, nc, cs, H]
+    chunk_states = torch.einsum("bclh,bclhp,bclhn->bchpn", to_end, x, Bh)
+    S = torch.zeros(b, H, P, N, dtype=x.dtype, device=x.device) if init_state is None else init_state
+    starts = []
+    for c in range(nc):
+        starts.append(S)
+        S = torch.exp(cum[:, c, -1])[..., None, None] * S + chunk_states[:, c]
+    y = y + torch.exp(cum)[..., None] * torch.einsum("bclhn,bchpn->bclhp", Ch, torch.stack(starts, 1))
+    y = y.reshape(b, nc * cs, H, P)[:, :T]
+    if D is not None:
+        y = y + (D[:, None] if D.dim() == 1 else D) * x.reshape(b, nc * cs, H, P)[:, :T]
+    return y, S
+
+
+def _depthwise_conv(win: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """win: [b, Cd, T, W] inputs per output, oldest first; weight: [Cd, 1, W] -> silu(conv) [b, T, Cd]."""
+    out = (win * weight[:, 0, None, :]).sum(-1)  # [b, Cd, T]
+    if bias is not None:
+        out = out + bias[:, None]
+    return F.silu(out).transpose(1, 2)
+
+
+def conv_chain(v: Tensor, window: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Causal depthwise conv + SiLU continuing from `window`.
+
+    v: [b, T, Cd] pre-conv inputs; window: [b, Cd, W-1] the previous inputs; weight: [Cd, 1, W]
+    -> out [b, T, Cd], new window [b, Cd, W-1].
+    """
+    W = weight.shape[-1]
+    full = torch.cat([window.to(v.dtype), v.transpose(1, 2)], dim=-1)  # [b, Cd, W-1+T]
+    return _depthwise_conv(full.unfold(-1, W, 1), weight, bias), full[..., 1 - W:]
+
+
+def conv_tree(v: Tensor, windows: Tensor, conv_index: Tensor, weight: Tensor,
+              bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Depthwise conv + SiLU along each node's root path (ALGORITHMS.md §7.4).
+
+    v: [b, T, Cd]; windows: [b, R, Cd, W-1] of the states the roots continue from; conv_index: [T, W]
+    into [windows flattened ; v] (oldest first) -> out [b, T, Cd], node windows [b, T, Cd, W-1].
+    """
+    b, R, Cd, W1 = windows.shape
+    buf = torch.cat([windows.to(v.dtype).permute(0, 2, 1, 3).reshape(b, Cd, R * W1), v.transpose(1, 2)], -1)
+    win = buf[:, :, conv_index]  # [b, Cd, T, W]
+    return _depthwise_conv(win, weight, bias), win[..., 1:].permute(0, 2, 1, 3)
+
+
+# ---- modules ---------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """RMSNorm, optionally gated (`norm(x * silu(gate))`) and per group of `group_size` channels."""
+
+    def __init__(self, dim: int, eps: float, group_size: int | None = None):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size or dim
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        h = x.to(cdt)
+        if gate is not None:
+            h = h * F.silu(gate.to(cdt))
+        h = h.unflatten(-1, (-1, self.group_size))
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return self.weight * h.to(x.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, c: Mamba2Config, use_triton: bool = False):
+        super().__init__()
+        self.c = c
+        self.use_triton = use_triton
+        H = c.nheads
+        self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + H, bias=c.bias)
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=c.conv_bias)
+        self.dt_bias = nn.Parameter(torch.zeros(H))
+        self.A_log = nn.Parameter(torch.zeros(H))
+        self.D = nn.Parameter(torch.ones(c.d_inner if c.D_has_hdim else H))
+        if c.rmsnorm:
+            self.norm = RMSNorm(c.d_inner, c.gated_norm_epsilon, group_size=c.d_inner // c.ngroups)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+
+    def forward(self, u: Tensor, cache: SSMCache, layer: int, plan: ForwardPlan) -> Tensor:
+        # u: [b, T, E] -> [b, T, E]
+        c = self.c
+        b, T, _ = u.shape
+        H, P, G, N = c.nheads, c.headdim, c.ngroups, c.d_state
+        z, xBC, dt = self.in_proj(u).split([c.d_inner, c.conv_dim, H], dim=-1)
+        S0, W0 = cache.read(layer, plan)  # [b, R, H, P, N], [b, R, Cd, W-1]
+        if plan.chain:
+            xBC, window = conv_chain(xBC, W0[:, 0], self.conv1d.weight, self.conv1d.bias)
+        else:
+            xBC, window = conv_tree(xBC, W0, plan.conv_index, self.conv1d.weight, self.conv1d.bias)
+
+        cdt = torch.promote_types(u.dtype, torch.float32)
+        x, Bm, Cm = xBC.to(cdt).split([c.d_inner, G * N, G * N], dim=-1)
+        x, Bm, Cm = x.view(b, T, H, P), Bm.view(b, T, G, N), Cm.view(b, T, G, N)
+        dt = F.softplus((dt + self.dt_bias).to(cdt)).clamp(*c.dt_limit)  # [b, T, H]
+        A = -torch.exp(self.A_log.to(cdt))  # [H]
+        D = self.D.to(cdt).view(H, P) if c.D_has_hdim else self.D.to(cdt)
+        S0 = S0.to(cdt)
+        if plan.chain and T == 1:
+            y, state = ssm_step(S0[:, 0], x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D)
+            y = y[:, None]
+        elif plan.chain:
+            y, state = ssd_chunked_scan(x, dt, A, Bm, Cm, c.chunk_size, D, S0[:, 0])
+        elif self.use_triton and x.is_cuda and cdt == torch.float32 and len(plan.sources) == 1:
+            y, state = ssm_tree_scan(x, dt, A, Bm, Cm, plan.anc, D=D, init_state=S0[:, 0], return_states=True)
+        else:  # several roots (a drafter's level) or CPU: the torch form
+            y, state = ssm_tree_scan_ref(x, dt, A, Bm, Cm, plan.anc, D=D, init_states=S0,
+                                         init_index=plan.init_index, return_states=True)
+        cache.write(layer, plan, state, window)
+        y = y.reshape(b, T, c.d_inner)
+        y = self.norm(y, z) if c.rmsnorm else y * F.silu(z.to(cdt))
+        return self.out_proj(y.to(u.dtype))
+
+
+class MHA(nn.Module):
+    """mamba-ssm's attention mixer (`modules/mha.py`): fused q|k|v in_proj, partial rotate-half RoPE."""
+
+    def __init__(self, c: Mamba2Config):
+        super().__init__()
+        self.H, self.Hkv, self.D = c.attn_num_heads, c.attn_num_heads_kv, c.attn_head_dim
+        self.rd, self.scale = c.attn_rotary_dim, c.attn_softmax_scale
+        self.in_proj = nn.Linear(c.d_model, (self.H + 2 * self.Hkv) * self.D, bias=c.attn_qkv_bias)
+        self.out_proj = nn.Linear(self.H * self.D, c.d_model, bias=c.attn_out_bias)
+
+    def _rope(self, t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        r = t[..., :self.rd]
+        return torch.cat([r * cos + rotate_half(r) * sin, t[..., self.rd:]], dim=-1)
+
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, k_cache: Tensor, v_cache: Tensor,
+                start: int, mask: Tensor | None) -> Tensor:
+        # x: [b, T, E]; cos, sin: [b, 1, T, rd]; k_cache, v_cache: [b, Hkv, C, D]; mask: [T, S]
+        b, T, _ = x.shape
+        q, k, v = self.in_proj(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
+        q = q.view(b, T, self.H, self.D).transpose(1, 2)  # [b, H, T, D]
+        k = k.view(b, T, self.Hkv, self.D).transpose(1, 2)  # [b, Hkv, T, D]
+        v = v.view(b, T, self.Hkv, self.D).transpose(1, 2)
+        if self.rd:
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        k_cache[:, :, start:start + T] = k
+        v_cache[:, :, start:start + T] = v
+        k = k_cache[:, :, :start + T].repeat_interleave(self.H // self.Hkv, dim=1)  # [b, H, S, D]
+        v = v_cache[:, :, :start + T].repeat_interleave(self.H // self.Hkv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [b, H, T, D]
+        return self.out_proj(y.transpose(1, 2).reshape(b, T, self.H * self.D))
+
+
+class GatedMLP(nn.Module):
+    """mamba-ssm `modules/mlp.py`: fc1 -> [y, gate], fc2(y * silu(gate))."""
+
+    def __init__(self, c: Mamba2Config):
+        super().__init__()
+        self.fc1 = nn.Linear(c.d_model, 2 * c.d_intermediate, bias=False)
+        self.fc2 = nn.Linear(c.d_intermediate, c.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(y * F.silu(gate))
+
+
+class Block(nn.Module):
+    def __init__(self, c: Mamba2Config, attention: bool, use_triton: bool):
+        super().__init__()
+        self.norm = RMSNorm(c.d_model, c.norm_epsilon)
+        self.mixer = MHA(c) if attention else Mamba2Mixer(c, use_triton)
+        if c.d_intermediate:
+            self.norm2 = RMSNorm(c.d_model, c.norm_epsilon)
+            self.mlp = GatedMLP(c)
+
+
+class Backbone(nn.Module):
+    def __init__(self, c: Mamba2Config, use_triton: bool):
+        super().__init__()
+        self.embedding = nn.Embedding(c.vocab_size, c.d_model)
+        self.layers = nn.ModuleList(Block(c, i in c.attn_layer_idx, use_triton) for i in range(c.n_layer))
+        self.norm_f = RMSNorm(c.d_model, c.norm_epsilon)
+
+
+class Mamba2LMModel(nn.Module):
+    """Parameter names mirror mamba-ssm's MambaLMHeadModel (backbone.embedding, backbone.layers.N.{norm,
+    mixer,norm2,mlp}, backbone.norm_f, lm_head), so its checkpoints load by name."""
+
+    def __init__(self, config: Mamba2Config, use_triton: bool = False):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config, use_triton)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None, num_scratch: int | None = None) -> SSMCache:
+        """`num_scratch` bounds the tree size (default min(capacity, 64)): a tree forward of T nodes needs
+        T entries, and continuing from a previous tree's node (drafting level by level, or the step after a
+        root-only acceptance) needs that tree's nodes to survive: num_scratch >= tree size + 1 suffices."""
+        c = self.config
+        w = self.backbone.embedding.weight
+        dtype, device = dtype or w.dtype, device or w.device
+        n_attn = len(c.attn_layer_idx)
+        kv = KVCache(n_attn, batch, c.attn_num_heads_kv, capacity, c.attn_head_dim, dtype=dtype,
+                     device=device) if n_attn else None
+        return SSMCache(c.num_ssm_layers, batch, c.nheads, c.headdim, c.d_state, c.conv_dim, c.d_conv, capacity,
+                        num_scratch or min(capacity, DEFAULT_NUM_SCRATCH), kv, dtype=dtype, device=device)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: SSMCache, start: int,
+                attn_mask: Tensor | None = None) -> Tensor:
+        # input_ids, position_ids: [b, T]; attn_mask: [T, S] bool, True = ancestor-or-self -> [b, T, V] fp32
+        c = self.config
+        b, T = input_ids.shape
+        S = start + T
+        assert S <= cache.capacity, f"start {start} + {T} tokens exceeds cache capacity {cache.capacity}"
+        assert cache.ssm.shape[1] == b, (cache.ssm.shape, b)
+        assert attn_mask is None or attn_mask.shape == (T, S), (None if attn_mask is None else attn_mask.shape, T, S)
+        plan = cache.plan(start, T, attn_mask)
+
+        x = self.backbone.embedding(input_ids)  # [b, T, E]
+        dtype = x.dtype
+        if c.residual_in_fp32:
+            x = x.to(torch.promote_types(dtype, torch.float32))
+        cos = sin = None
+        if c.is_hybrid:
+            if attn_mask is None and T > 1:
+                attn_mask = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=start)
+            if c.attn_rotary_dim:
+                cdt = torch.promote_types(dtype, torch.float32)
+                rd = c.attn_rotary_dim
+                inv_freq = 1.0 / c.attn_rotary_base ** (torch.arange(0, rd, 2, device=x.device, dtype=cdt) / rd)
+                freqs = position_ids.to(cdt)[..., None] * inv_freq  # [b, T, rd/2]
+                emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [b, 1, T, rd]
+                cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        ssm_i = attn_i = 0
+        for blk in self.backbone.layers:
+            h = blk.norm(x.to(dtype))
+            if isinstance(blk.mixer, MHA):
+                h = blk.mixer(h, cos, sin, cache.kv.k[attn_i], cache.kv.v[attn_i], start, attn_mask)
+                attn_i += 1
+            else:
+                h = blk.mixer(h, cache, ssm_i, plan)
+                ssm_i += 1
+            x = x + h
+            if c.d_intermediate:
+                x = x + blk.mlp(blk.norm2(x.to(dtype)))
+        cache.finish(plan)
+        return self.lm_head(self.backbone.norm_f(x.to(dtype))).float()
+
+
+@torch.no_grad()
+def init_random_mamba2(config: Mamba2Config, seed: int) -> Mamba2LMModel:
+    """Deterministic random weights (fp32, CPU) whose greedy output depends on the context."""
+    g = torch.Generator().manual_seed(seed)
+    model = Mamba2LMModel(config)
+    emb = model.backbone.embedding.weight
+
+    def uniform(shape, lo, hi):
+        return lo + (hi - lo) * torch.rand(shape, generator=g)
+
+    for name, p in model.named_parameters():
+        if p is emb:
+            p.copy_(torch.randn(p.shape, generator=g) * config.d_model ** -0.25)
+        elif name.endswith("A_log"):
+            p.copy_(torch.log(uniform(p.shape, 1.0, 16.0)))  # A in [-16, -1], mamba-ssm's A_init_range
+        elif name.endswith("dt_bias"):
+            dt = torch.exp(uniform(p.shape, math.log(1e-3), math.log(1e-1)))  # mamba-ssm's dt_min, dt_max
+            p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        elif name.endswith("mixer.D"):
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        elif name.endswith("norm.weight") or name.endswith("norm2.weight") or name.endswith("norm_f.weight"):
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        elif name.endswith("bias"):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        else:  # linear and conv weights: unit gain over the fan-in
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+    return model
+
+
+@torch.no_grad()
+def perturbed_copy(model: Mamba2LMModel, noise_std: float, seed: int) -> Mamba2LMModel:
+    """A copy with Gaussian noise of `noise_std` times each tensor's own spread added to every weight."""
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    for p in out.parameters():
+        spread = p.float().std() if p.numel() > 1 else p.float().abs().max()
+        noise = torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype)
+        p.add_(noise * (noise_std * spread).to(p.dtype))
+    return out
