@@ -1,6 +1,7 @@
 """spec-compiler entry point: `python main.py [group=option ...] [key=value ...]` (`-m` for sweeps).
 
-config -> OmegaConf.to_object (typed, __post_init__ checks) -> validate -> make_plan -> load -> task.
+config -> OmegaConf.to_object (typed, __post_init__ checks) -> validate -> make_plan -> load -> task;
+`task=train` instead trains and exports the model pair (training/train.py).
 User mistakes print as at most two lines and exit with status 2; nothing prints a traceback for them.
 """
 from __future__ import annotations
@@ -53,6 +54,9 @@ def run(cfg: Union[DictConfig, SpecConfig]) -> dict:
     from spec_compiler.validate import validate
 
     spec = to_spec(cfg)
+    if spec.task.kind is TaskKind.train:  # the inference groups play no part in training
+        from training.train import run_train
+        return run_train(spec.train, command=" ".join(_overrides()))
     plan = make_plan(validate(spec))
     rt = load(plan)
     out = output_dir(spec)

@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import enum
 import functools
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from codegen.common import next_power_of_2, interpreting as _interpreting
 
 try:  # Triton is an optional extra (`gpu`, `dev`): the Spec and the reference work without it
     import triton
@@ -84,10 +85,6 @@ class FusedAcceptSpec:
         return {"MAX_DEPTH": self.max_depth, "BLOCK_NODES": self.block_nodes,
                 "BLOCK_PATH": next_power_of_2(self.max_depth + 1),
                 "HAS_GUMBEL": self.mode is AcceptMode.sample_match}
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 class FusedAcceptResult(NamedTuple):
@@ -252,10 +249,6 @@ def _prune(configs, named_args, **kwargs):
         return [c for c in configs if c.kwargs == INTERPRET_CONFIG][:1]
     vocab = {**named_args, **kwargs}["V"]
     return [c for c in configs if keep(c, vocab)]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 @functools.cache

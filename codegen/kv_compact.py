@@ -22,10 +22,11 @@ M max slots moved per request (max_depth + 1).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
+
+from codegen.common import next_power_of_2, interpreting as _interpreting, DTYPES, per_request as _per_request
 
 try:  # Triton is an optional extra (`gpu`, `dev`): the Spec and the reference work without it
     import triton
@@ -33,7 +34,6 @@ try:  # Triton is an optional extra (`gpu`, `dev`): the Spec and the reference w
 except ImportError:  # pragma: no cover
     triton = tl = None
 
-DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,10 +81,6 @@ class KVCompactSpec:
         return {"HEAD_DIM": self.head_dim, "BLOCK_M": self.block_m, "BLOCK_D": self.block_d}
 
 
-def next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 # ---------------------------------------------------------------------------------------------------
 # reference
 # ---------------------------------------------------------------------------------------------------
@@ -101,15 +97,6 @@ def kv_compact_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, src_slots: torc
             f"request {b}: src slots {idx.tolist()} must be ascending and >= dst_start {dst[b]} + i"
         for cache in (k_cache, v_cache):
             cache[:, b, :, dst[b]:dst[b] + num[b]] = cache[:, b, :, idx]
-
-
-def _per_request(x: int | torch.Tensor, B: int, device) -> torch.Tensor:
-    """An int, a 0-d or a [B] integer tensor -> [B] int32 on `device` (no host read of a tensor's value)."""
-    if isinstance(x, torch.Tensor):
-        assert x.dim() <= 1 and x.numel() in (1, B), f"expected a scalar or [{B}] tensor, got shape {tuple(x.shape)}"
-        assert not x.is_floating_point(), f"expected an integer tensor, got {x.dtype}"
-        return x.to(device=device, dtype=torch.int32).reshape(-1).expand(B)
-    return torch.full((B,), int(x), dtype=torch.int32, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,10 +135,6 @@ def _kv_compact_kernel(
     tl.debug_barrier()  # every row is read before any is written: a destination may be an earlier source
     tl.store(K + dst_ptrs, k, mask=mask)
     tl.store(V + dst_ptrs, v, mask=mask)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 @functools.cache

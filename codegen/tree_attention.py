@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from codegen.common import next_power_of_2, interpreting as _interpreting, DTYPES, per_request as _per_request
 import torch.nn.functional as F
 
 try:  # Triton is an optional extra (`gpu`, `dev`): the Spec, the reference and the bitsets work without it
@@ -37,7 +38,6 @@ try:  # Triton is an optional extra (`gpu`, `dev`): the Spec, the reference and 
 except ImportError:  # pragma: no cover
     triton = tl = None
 
-DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 BITS_PER_WORD = 64
 
 
@@ -74,10 +74,6 @@ class TreeAttentionSpec:
 
     def constexprs(self) -> dict[str, int]:
         return {"NUM_TREE": self.num_tree_tokens, "HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d}
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -124,15 +120,6 @@ def tree_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         v = v_cache[b, :, :S].float().repeat_interleave(group, dim=0)  # [H, S, D]
         out[b] = F.scaled_dot_product_attention(q[b].float(), k, v, attn_mask=mask, scale=sm_scale).to(q.dtype)
     return out
-
-
-def _per_request(x: int | torch.Tensor, B: int, device) -> torch.Tensor:
-    """An int, a 0-d or a [B] integer tensor -> [B] int32 on `device` (no host read of a tensor's value)."""
-    if isinstance(x, torch.Tensor):
-        assert x.dim() <= 1 and x.numel() in (1, B), f"expected a scalar or [{B}] tensor, got shape {tuple(x.shape)}"
-        assert not x.is_floating_point(), f"expected an integer tensor, got {x.dtype}"
-        return x.to(device=device, dtype=torch.int32).reshape(-1).expand(B)
-    return torch.full((B,), int(x), dtype=torch.int32, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,10 +247,6 @@ def _prune(configs, named_args, **kwargs):
         return [c for c in configs if c.kwargs == INTERPRET_CONFIG][:1]
     args = {**named_args, **kwargs}
     return [c for c in configs if keep(c, args["GROUP"] * args["NUM_TREE"], args["BLOCK_D"])]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 @functools.cache

@@ -152,7 +152,7 @@ def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
     for q in qs:  # interleave methods per prompt so machine noise hits both alike
         outs = {}
         for name, m in methods.items():
-            _, rs = answer(m, q, cfg.task.max_new_tokens, cfg.sampling.seed)
+            texts, rs = answer(m, q, cfg.task.max_new_tokens, cfg.sampling.seed)
             per[name] += rs
             per_cat.setdefault(q.category, {}).setdefault(name, []).extend(rs)
             outs[name] = [r.output_ids for r in rs]
@@ -184,6 +184,8 @@ def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
           markdown_table(cats, [("category", "category")] + cols)]
     (out / "bench.md").write_text("\n".join(md) + "\n")
     _plot(rows, out / "bench.png")
+    if len(qs) == 1 and len(qs[0].turns) == 1:  # a single prompt (the demo): show what was generated
+        print(qs[0].turns[0] + texts[0] + "\n")
     print("\n".join(md[2:]))
     print(f"bench: {out / 'bench.md'}")
     method = rows[-1]

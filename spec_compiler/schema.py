@@ -28,6 +28,15 @@ class ModelSource(str, enum.Enum):
     """Drafter only: the target's weights plus Gaussian noise of relative size `noise_std`."""
 
 
+class Arch(str, enum.Enum):
+    transformer = "transformer"
+    """Llama family (Llama, Qwen2, Mistral): attention + SwiGLU."""
+    mamba2 = "mamba2"
+    """Mamba2 (SSD) blocks only; trees are verified by tree-conv + tree-scan (STree)."""
+    hybrid = "hybrid"
+    """Mamba2 blocks with attention blocks at `attn_layer_idx` (mamba-ssm's hybrid)."""
+
+
 class Family(str, enum.Enum):
     llama = "llama"
     qwen2 = "qwen2"
@@ -82,6 +91,21 @@ class TaskKind(str, enum.Enum):
     """Decode the prompts, write answers jsonl, print a summary table."""
     bench = "bench"
     """Run the autoregressive baseline and the configured method on the same prompts; write JSON + markdown."""
+    train = "train"
+    """Train the target and distill the drafter per the `train` group; the inference groups are ignored."""
+
+
+class DistillLoss(str, enum.Enum):
+    kl = "kl"
+    """KL(target || drafter) of the temperature-softened distributions, times temperature² (Hinton et al.)."""
+    tvd = "tvd"
+    """Total variation distance; 1 - TVD is the per-token acceptance rate of speculative sampling."""
+
+
+class WeightDType(str, enum.Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
 
 
 @dataclass
@@ -91,7 +115,9 @@ class ModelConfig:
     source: ModelSource = ModelSource.checkpoint
     """Where the weights come from."""
     checkpoint: Optional[str] = None
-    """Hugging Face checkpoint directory (source=checkpoint); relative paths are from the project root."""
+    """Checkpoint directory (source=checkpoint): HF layout, or mamba-ssm's for mamba2/hybrid; relative to the project root."""
+    arch: Arch = Arch.transformer
+    """Model kind; a checkpoint must match it."""
     family: Family = Family.llama
     """Architecture family for random weights (checkpoints state their own)."""
     vocab_size: int = 257
@@ -110,6 +136,22 @@ class ModelConfig:
     """RoPE base (random weights)."""
     tie_word_embeddings: bool = True
     """Share the input embedding with the LM head (random weights)."""
+    d_state: int = 16
+    """mamba2/hybrid (random weights): SSM state size N per head."""
+    d_conv: int = 4
+    """mamba2/hybrid (random weights): causal conv1d width."""
+    expand: int = 2
+    """mamba2/hybrid (random weights): d_inner = expand * hidden_size."""
+    headdim: int = 16
+    """mamba2/hybrid (random weights): SSM head dim P; divides d_inner."""
+    ngroups: int = 1
+    """mamba2/hybrid (random weights): groups sharing B and C; divides the number of SSM heads."""
+    chunk_size: int = 256
+    """mamba2/hybrid: SSD chunk length; a verified tree must fit in one chunk."""
+    d_intermediate: int = 0
+    """mamba2/hybrid (random weights): gated-MLP width after each mixer (0 = none)."""
+    attn_layer_idx: list[int] = field(default_factory=list)
+    """hybrid (random weights): indices of the attention layers (num_heads / num_kv_heads apply to them)."""
     seed: int = 0
     """Seed for random weights / drafter noise."""
     noise_std: float = 0.0
@@ -229,6 +271,8 @@ class TaskConfig:
     """Where answers / bench files go (relative to Hydra's run directory)."""
     warmup: int = 1
     """bench: untimed warm-up generations before timing."""
+    default_prompts: Optional[str] = None
+    """Spec-Bench-format prompt file used when neither `prompt` nor `prompts` is set (None = one built-in prompt)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -237,6 +281,185 @@ class TaskConfig:
             raise ConfigError("task.num_prompts", "must be -1 (all) or >= 1", self.num_prompts)
         if self.warmup < 0:
             raise ConfigError("task.warmup", "must be >= 0", self.warmup)
+
+
+@dataclass
+class ArchConfig:
+    """An architecture to train: Llama, Mamba2 or a Mamba2/attention hybrid (the vocabulary comes from the
+    trained tokenizer). The attention fields apply to transformer and hybrid, the SSM fields to mamba2 and
+    hybrid; a pure Mamba2 without MLP is exported in HF Mamba2ForCausalLM layout, any other SSM model in
+    mamba-ssm's (training/train.py)."""
+
+    arch: Arch = Arch.transformer
+    """Model kind: transformer (Llama) | mamba2 (Mamba2 blocks only) | hybrid (attention at attn_layer_idx)."""
+    hidden_size: int = 256
+    """Model width (d_model); with attention a multiple of num_heads with an even head dim (hidden_size / num_heads)."""
+    num_layers: int = 4
+    """Decoder layers (blocks), attention layers of a hybrid included."""
+    num_heads: int = 4
+    """Attention heads (transformer, and the attention layers of a hybrid)."""
+    num_kv_heads: int = 2
+    """Key/value heads for grouped-query attention; divides num_heads."""
+    intermediate_size: int = 768
+    """transformer: SwiGLU hidden size."""
+    rope_theta: float = 10000.0
+    """RoPE base (transformer; a hybrid's attention rotates the whole head dim)."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding with the LM head (at V = 16384 the head is most of a small model)."""
+    d_state: int = 32
+    """mamba2/hybrid: SSM state size N per head."""
+    d_conv: int = 4
+    """mamba2/hybrid: causal depthwise conv1d width; >= 2."""
+    expand: int = 2
+    """mamba2/hybrid: d_inner = expand * hidden_size."""
+    headdim: int = 32
+    """mamba2/hybrid: SSM head dim P; divides d_inner (d_inner / headdim SSM heads)."""
+    ngroups: int = 1
+    """mamba2/hybrid: groups sharing B and C; divides the number of SSM heads."""
+    chunk_size: int = 256
+    """mamba2/hybrid: SSD chunk length of the training scan and of prefill; also bounds a verified tree's size."""
+    d_intermediate: int = 0
+    """mamba2/hybrid: gated-MLP width after every mixer, a multiple of 128 (mamba-ssm's rounding); 0 = no MLP."""
+    attn_layer_idx: list[int] = field(default_factory=list)
+    """hybrid: indices of the attention layers (distinct, in [0, num_layers), at least one Mamba2 layer left)."""
+
+
+def _drafter_arch() -> ArchConfig:
+    return ArchConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384)
+
+
+@dataclass
+class TrainConfig:
+    """task=train: corpus, tokenizer, target pre-training, drafter distillation and export (training/train.py)."""
+
+    out_dir: str = "models/default"
+    """Output directory (relative paths are from the project root): target/, drafter/, state/ (resume), cache/."""
+    vocab_size: int = 16384
+    """Byte-level BPE vocabulary size, <|endoftext|> included; >= 257. A small corpus may yield fewer tokens."""
+    seq_len: int = 1024
+    """Training window in tokens (random contiguous windows of the joined corpus)."""
+    batch_size: int = 4
+    """Windows per optimizer step."""
+    seed: int = 0
+    """Seeds initialization and window sampling: same config + corpus = bitwise the same weights."""
+    target: ArchConfig = field(default_factory=ArchConfig)
+    """The target model's architecture."""
+    drafter: ArchConfig = field(default_factory=_drafter_arch)
+    """The drafter's architecture (smaller than the target's)."""
+    target_steps: int = 650
+    """Optimizer steps of target pre-training (next-token cross-entropy)."""
+    drafter_steps: int = 300
+    """Optimizer steps of drafter distillation from the frozen target."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (both models)."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay; in [0, lr]."""
+    warmup_steps: int = 30
+    """Linear warm-up steps from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices and embeddings (not norms)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    distill_loss: DistillLoss = DistillLoss.kl
+    """Drafter objective against the target's logits."""
+    distill_temperature: float = 1.0
+    """Softmax temperature applied to both models' logits in the distillation loss; > 0."""
+    checkpoint_every: int = 50
+    """Save the resumable state (state/<model>.pt) every this many steps, and at the end."""
+    threads: int = 2
+    """torch.set_num_threads during training."""
+    eval_every: int = 325
+    """Measure held-out loss every this many steps (and always at the end)."""
+    eval_tokens: int = 32768
+    """Held-out tokens per evaluation (non-overlapping windows from the start of the held-out stream); >= seq_len."""
+    dtype: WeightDType = WeightDType.float16
+    """dtype of the exported weights (training is fp32); float16 keeps the pair under the 40 MB budget."""
+    heldout_fraction: float = 0.05
+    """Fraction of corpus files held out (chosen by a hash of the path); in (0, 1)."""
+    max_files: Optional[int] = None
+    """Use a fixed, spread-out subset of this many corpus files (smoke runs, tests); None = all."""
+    max_position_embeddings: Optional[int] = None
+    """Context limit written to config.json; None = seq_len (RoPE was only trained on positions < seq_len)."""
+
+    def __post_init__(self):
+        positive = ("vocab_size", "seq_len", "batch_size", "target_steps", "drafter_steps", "checkpoint_every",
+                    "threads", "eval_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", "must be >= 1", getattr(self, name))
+        if self.vocab_size < 257:
+            raise ConfigError("train.vocab_size", "must be >= 257 (256 bytes + <|endoftext|>)", self.vocab_size)
+        for name, arch in (("target", self.target), ("drafter", self.drafter)):
+            _check_arch(f"train.{name}", arch)
+        if self.lr <= 0:
+            raise ConfigError("train.lr", "must be > 0", self.lr)
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError("train.min_lr", f"must be in [0, lr = {self.lr}]", self.min_lr)
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}", "must be >= 0", getattr(self, name))
+        if self.distill_temperature <= 0:
+            raise ConfigError("train.distill_temperature", "must be > 0", self.distill_temperature)
+        if self.eval_tokens < self.seq_len:
+            raise ConfigError("train.eval_tokens", f"must be >= seq_len ({self.seq_len})", self.eval_tokens)
+        if not 0 < self.heldout_fraction < 1:
+            raise ConfigError("train.heldout_fraction", "must be in (0, 1)", self.heldout_fraction)
+        if self.max_files is not None and self.max_files < 2:
+            raise ConfigError("train.max_files", "must be >= 2 (a train and a held-out file) or null", self.max_files)
+        if self.max_position_embeddings is not None and self.max_position_embeddings < self.seq_len:
+            raise ConfigError("train.max_position_embeddings", f"must be >= seq_len ({self.seq_len}) or null",
+                              self.max_position_embeddings)
+
+
+GATED_MLP_MULTIPLE = 128
+"""mamba-ssm's GatedMLP rounds its width up to this; a trained d_intermediate must already be a multiple."""
+
+
+def _check_arch(key: str, a: ArchConfig) -> None:
+    attention = a.arch is not Arch.mamba2
+    ssm = a.arch is not Arch.transformer
+    positive = ("hidden_size", "num_layers") + (("num_heads", "num_kv_heads") if attention else ()) \
+        + (("intermediate_size",) if a.arch is Arch.transformer else ()) \
+        + (("d_state", "expand", "headdim", "ngroups", "chunk_size") if ssm else ())
+    for name in positive:
+        if getattr(a, name) < 1:
+            raise ConfigError(f"{key}.{name}", "must be >= 1", getattr(a, name))
+    if attention:
+        if a.num_heads % a.num_kv_heads:
+            raise ConfigError(f"{key}.num_kv_heads", f"must divide num_heads ({a.num_heads})", a.num_kv_heads)
+        if a.hidden_size % a.num_heads or (a.hidden_size // a.num_heads) % 2:
+            raise ConfigError(f"{key}.hidden_size", f"must be num_heads ({a.num_heads}) times an even head dim",
+                              a.hidden_size)
+        if a.rope_theta <= 0:
+            raise ConfigError(f"{key}.rope_theta", "must be > 0", a.rope_theta)
+    if not ssm:
+        if a.attn_layer_idx:
+            raise ConfigError(f"{key}.attn_layer_idx", "only for arch=hybrid (every transformer layer is attention)",
+                              list(a.attn_layer_idx))
+        return
+    if a.d_conv < 2:
+        raise ConfigError(f"{key}.d_conv", "must be >= 2", a.d_conv)
+    d_inner = a.expand * a.hidden_size
+    if d_inner % a.headdim:
+        raise ConfigError(f"{key}.headdim", f"must divide d_inner = expand * hidden_size ({d_inner})", a.headdim)
+    if (d_inner // a.headdim) % a.ngroups:
+        raise ConfigError(f"{key}.ngroups", f"must divide the number of SSM heads ({d_inner // a.headdim})",
+                          a.ngroups)
+    if a.d_intermediate < 0 or a.d_intermediate % GATED_MLP_MULTIPLE:
+        raise ConfigError(f"{key}.d_intermediate", f"must be 0 (no MLP) or a positive multiple of "
+                                                   f"{GATED_MLP_MULTIPLE} (mamba-ssm rounds the width up)",
+                          a.d_intermediate)
+    layers = list(a.attn_layer_idx)
+    if a.arch is Arch.mamba2 and layers:
+        raise ConfigError(f"{key}.attn_layer_idx", "a mamba2 model has no attention layers (use arch=hybrid)", layers)
+    if a.arch is Arch.hybrid:
+        if not layers:
+            raise ConfigError(f"{key}.attn_layer_idx", "a hybrid needs at least one attention layer index", layers)
+        if any(not 0 <= i < a.num_layers for i in layers) or len(set(layers)) != len(layers):
+            raise ConfigError(f"{key}.attn_layer_idx", f"must list distinct layer indices in [0, {a.num_layers})",
+                              layers)
+        if len(layers) == a.num_layers:
+            raise ConfigError(f"{key}.attn_layer_idx", "leaves no Mamba2 layer (use arch=transformer)", layers)
 
 
 DEFAULT_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
@@ -256,6 +479,8 @@ class SpecConfig:
     """Execution backend."""
     task: TaskConfig = MISSING
     """What to do."""
+    train: TrainConfig = MISSING
+    """task=train: how the model pair is trained (ignored by the other tasks)."""
     prompt: Optional[str] = None
     """A prompt given on the command line (default: a built-in one when `prompts` is unset)."""
     prompts: Optional[str] = None
@@ -264,7 +489,7 @@ class SpecConfig:
 
 GROUPS: dict[str, Any] = {
     "target": TargetConfig, "drafter": DrafterConfig, "tree": TreeConfig,
-    "sampling": SamplingConfig, "backend": BackendConfig, "task": TaskConfig,
+    "sampling": SamplingConfig, "backend": BackendConfig, "task": TaskConfig, "train": TrainConfig,
 }
 
 

@@ -6,12 +6,16 @@ Reads `config.json` (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM; bot
 in `generation_config.json`. `save_llama` writes the same layout, loadable by
 `transformers.AutoModelForCausalLM`. Every problem with a user's files is a `CheckpointError`
 whose `where` is the offending file (or directory).
+
+A directory with a `manifest.json` (the trained pairs, training/train.py) has the size and sha256 of
+each listed file checked before the file is used, so a corrupt or truncated download fails loudly.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,6 +40,43 @@ def _read_json(file: Path) -> Any:
         return json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(str(file), f"not valid JSON ({e})") from None
+
+
+MANIFEST = "manifest.json"
+MANIFEST_MISMATCH = "sha256 mismatch with manifest.json (corrupt or truncated)"
+
+
+def sha256_file(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_manifest(d: Path, names: Optional[Iterable[str]] = None) -> None:
+    """Check size and sha256 of every file `d/manifest.json` lists (only those in `names` if given).
+
+    No manifest, nothing to check. A listed file that is missing or differs raises CheckpointError naming it.
+    """
+    file = d / MANIFEST
+    if not file.is_file():
+        return
+    m = _read_json(file)
+    files = m.get("files") if isinstance(m, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
+            for e in files.values()):
+        raise CheckpointError(str(file), 'corrupt manifest: needs a "files" object of {"sha256", "size"} entries')
+    wanted = None if names is None else set(names)
+    for name, entry in files.items():
+        if wanted is not None and name not in wanted:
+            continue
+        f = d / name
+        if not f.is_file():
+            raise CheckpointError(str(f), "missing, but listed in manifest.json (corrupt or truncated checkpoint)")
+        if f.stat().st_size != entry["size"] or sha256_file(f) != entry["sha256"]:
+            raise CheckpointError(str(f), MANIFEST_MISMATCH)
 
 
 def _checkpoint_dir(path: str | Path) -> Path:
@@ -323,6 +364,7 @@ def _read_tensors(d: Path, wanted: dict[str, tuple[int, ...]], dtype: torch.dtyp
 def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LlamaModel:
     """A LlamaModel from a Hugging Face checkpoint directory, in `dtype` on `device`, in eval mode."""
     d = _checkpoint_dir(path)
+    verify_manifest(d)
     config = read_llama_config(d)
     w = _read_tensors(d, hf_shapes(config), dtype)
     with torch.device("meta"):
@@ -344,8 +386,10 @@ def save_llama(model: LlamaModel, path: str | Path) -> None:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The `tokenizer.json` of a checkpoint directory."""
-    return load_tokenizer_file(_checkpoint_dir(path) / "tokenizer.json")
+    """The `tokenizer.json` of a checkpoint directory (checked against its manifest.json, if any)."""
+    d = _checkpoint_dir(path)
+    verify_manifest(d, ["tokenizer.json"])
+    return load_tokenizer_file(d / "tokenizer.json")
 
 
 def load_tokenizer_file(file: Path) -> Tokenizer:
@@ -360,6 +404,7 @@ def load_tokenizer_file(file: Path) -> Tokenizer:
 def read_eos_ids(path: str | Path) -> list[int]:
     """EOS ids from generation_config.json, else config.json; [] when neither names one."""
     d = _checkpoint_dir(path)
+    verify_manifest(d, ["generation_config.json", "config.json"])
     for name in ("generation_config.json", "config.json"):
         file = d / name
         if not file.is_file():
@@ -372,5 +417,7 @@ def read_eos_ids(path: str | Path) -> list[int]:
 
 def read_llama_config(path: str | Path) -> LlamaConfig:
     """The LlamaConfig of a checkpoint directory, from its config.json alone (no weights read)."""
-    cfg_file = _checkpoint_dir(path) / "config.json"
+    d = _checkpoint_dir(path)
+    verify_manifest(d, ["config.json"])
+    cfg_file = d / "config.json"
     return config_from_hf(_read_json(cfg_file), where=str(cfg_file))

@@ -5,6 +5,7 @@ told explicitly where each token sits (`position_ids`, for RoPE) and what it may
 (`attn_mask` over cache slots), so a whole token tree is verified in one call: node i gets position
 `prefix_len + depth(i)` and sees the prefix plus its own ancestors. Keys and values go to a
 preallocated `KVCache` written by slot index, and `KVCache.compact` keeps an accepted path.
+Without a cache (`cache=None`, training) a block attends causally to itself and nothing is stored.
 
 The arithmetic follows `transformers` (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM):
 RMSNorm in fp32, rotate-half RoPE with optional Llama-3 frequency scaling, grouped-query attention,
@@ -147,9 +148,9 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(c.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=c.attention_bias)
         self.wo = nn.Linear(self.H * self.D, c.hidden_size, bias=c.o_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
                 start: int, mask: Tensor | None) -> Tensor:
-        # x: [B, T, hidden]; cos, sin: [B, 1, T, D]; k_cache, v_cache: [B, Hkv, C, D]; mask: [T, S]
+        # x: [B, T, hidden]; cos, sin: [B, 1, T, D]; k_cache, v_cache: [B, Hkv, C, D] or None; mask: [T, S]
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
         q = q.view(B, T, self.H, self.D).transpose(1, 2)  # [B, H, T, D]
@@ -157,6 +158,11 @@ class Attention(nn.Module):
         v = v.view(B, T, self.Hkv, self.D).transpose(1, 2)  # [B, Hkv, T, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if k_cache is None:  # no cache (training): the block attends to itself only, S = T
+            k = k.repeat_interleave(self.H // self.Hkv, dim=1)  # [B, H, T, D]
+            v = v.repeat_interleave(self.H // self.Hkv, dim=1)  # [B, H, T, D]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, H, T, D]
+            return self.wo(y.transpose(1, 2).reshape(B, T, self.H * self.D))
         k_cache[:, :, start:start + T] = k
         v_cache[:, :, start:start + T] = v
         k = k_cache[:, :, :start + T].repeat_interleave(self.H // self.Hkv, dim=1)  # [B, H, S, D]
@@ -184,7 +190,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.feed_forward = FeedForward(c)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
                 start: int, mask: Tensor | None) -> Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, start, mask)
         return x + self.feed_forward(self.ffn_norm(x))
@@ -216,15 +222,25 @@ class LlamaModel(nn.Module):
         return KVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim,
                        dtype=dtype or w.dtype, device=device or w.device)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache, start: int,
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache | None = None, start: int = 0,
                 attn_mask: Tensor | None = None) -> Tensor:
+        """Logits for a block of T new tokens.
+
+        With a `cache`, the block's keys and values are written to slots start..start+T-1 and it attends
+        to slots 0..S-1 (default mask: the whole prefix plus causal within the block). With `cache=None`
+        (training) nothing is stored, `start` must be 0 and the block attends causally to itself
+        (or per `attn_mask`, [T, T]); this path is differentiable.
+        """
         # input_ids, position_ids: [B, T]; attn_mask: [T, S] bool, True = may attend -> [B, T, V] fp32
         B, T = input_ids.shape
         S = start + T
-        assert S <= cache.capacity, f"start {start} + {T} tokens exceeds cache capacity {cache.capacity}"
-        assert cache.k.shape[1] == B, (cache.k.shape, B)
-        if attn_mask is None and T > 1:
-            attn_mask = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=start)
+        if cache is None:
+            assert start == 0, f"cache=None attends within the block only; start must be 0, got {start}"
+        else:
+            assert S <= cache.capacity, f"start {start} + {T} tokens exceeds cache capacity {cache.capacity}"
+            assert cache.k.shape[1] == B, (cache.k.shape, B)
+            if attn_mask is None and T > 1:
+                attn_mask = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=start)
         assert attn_mask is None or attn_mask.shape == (T, S), (None if attn_mask is None else attn_mask.shape, T, S)
 
         x = self.tok_embeddings(input_ids)  # [B, T, hidden]
@@ -232,7 +248,8 @@ class LlamaModel(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], start, attn_mask)
+            k_cache, v_cache = (None, None) if cache is None else (cache.k[i], cache.v[i])
+            x = layer(x, cos, sin, k_cache, v_cache, start, attn_mask)
         return self.output(self.norm(x)).float()
 
 

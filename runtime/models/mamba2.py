@@ -19,6 +19,9 @@ each node's parent off the mask (the largest other visible slot) and runs one of
   each node's state and conv window go to the cache's scratch, from which `compact` commits.
 `SSMCache` (runtime/models/ssm_cache.py) documents the slot contract. Attention layers of a hybrid use
 a Llama `KVCache` held by the SSMCache.
+Without a cache (`cache=None`, training) the block is one causal text from slot 0: SSM layers run the
+chunked SSD scan from a zero state and window, attention layers attend causally within the block, and
+nothing is stored; this path is differentiable and equals a cached prefill of the same tokens.
 
 SSM arithmetic runs in fp32 (fp64 for fp64 models), as mamba-ssm does.
 
@@ -160,38 +163,45 @@ def ssm_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
 def ssd_chunked_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
                      D: Tensor | None = None, init_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The causal SSD scan (mamba-ssm `ssd_minimal_discrete` with an initial state): quadratic within
-    chunks of `chunk_size`, a recurrence over chunk states between them.
+    chunks of `chunk_size`, a recurrence over chunk states between them. Differentiable (the training path).
+
+    Heads are laid out as [G, H / G] so each group's B and C (and C B^T) broadcast over its heads instead of
+    being repeated per head, and every contraction is a batched matmul.
 
     x: [b, T, H, P]; dt: [b, T, H]; A: [H]; B, C: [b, T, G, N]; D: [H] or [H, P]; init_state: [b, H, P, N]
     -> y [b, T, H, P], final state [b, H, P, N].
     """
     b, T, H, P = x.shape
-    N = B.shape[-1]
+    G, N = B.shape[2], B.shape[3]
+    R = H // G  # heads per group
     pad = (-T) % chunk_size  # zero dt at the padding: decay 1 and no input, so the final state is unchanged
-    x, dt, Bh, Ch = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-                     for t in (x, dt, _expand_groups(B, H, 2), _expand_groups(C, H, 2)))
+    xp, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     nc, cs = (T + pad) // chunk_size, chunk_size
-    x, Bh, Ch = (t.reshape(b, nc, cs, H, -1) for t in (x, Bh, Ch))  # [b, nc, cs, H, P | N]
-    dt = dt.reshape(b, nc, cs, H)
-    cum = torch.cumsum(dt * A, dim=2)  # [b, nc, cs, H] log-decay from the chunk start
+    xh = xp.reshape(b, nc, cs, G, R, P).permute(0, 3, 4, 1, 2, 5)  # [b, G, R, nc, cs, P]
+    Bg = B.reshape(b, nc, cs, G, N).permute(0, 3, 1, 2, 4)[:, :, None]  # [b, G, 1, nc, cs, N]
+    Cg = C.reshape(b, nc, cs, G, N).permute(0, 3, 1, 2, 4)[:, :, None]  # [b, G, 1, nc, cs, N]
+    dth = dt.reshape(b, nc, cs, G, R).permute(0, 3, 4, 1, 2)  # [b, G, R, nc, cs]
+    cum = torch.cumsum(dth * A.view(G, R, 1, 1), dim=-1)  # [b, G, R, nc, cs] log-decay from the chunk start
     causal = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()
-    seg = (cum[:, :, :, None, :] - cum[:, :, None, :, :]).clamp(max=0)  # [b, nc, cs(i), cs(j), H]
-    L = torch.where(causal[:, :, None], seg.exp(), torch.zeros((), dtype=x.dtype))
-    CB = torch.einsum("bcihn,bcjhn->bcijh", Ch, Bh)
-    y = torch.einsum("bcijh,bcjhp->bcihp", L * CB * dt[:, :, None], x)
+    # L[i, j] = exp(cum_i - cum_j) for j <= i, else 0 (masked to -inf before exp: no overflow, zero gradient)
+    L = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, -math.inf).exp()  # [b, G, R, nc, cs, cs]
+    CB = Cg @ Bg.transpose(-1, -2)  # [b, G, 1, nc, cs(i), cs(j)]
+    y = (L * CB * dth[..., None, :]) @ xh  # [b, G, R, nc, cs, P]
     # what each chunk adds to the state at its end, then the recurrence over chunks
-    to_end = torch.exp(cum[:, :, -1:] - cum) * dt  # [b, nc, cs, H]
-    chunk_states = torch.einsum("bclh,bclhp,bclhn->bchpn", to_end, x, Bh)
-    S = torch.zeros(b, H, P, N, dtype=x.dtype, device=x.device) if init_state is None else init_state
+    to_end = torch.exp(cum[..., -1:] - cum) * dth  # [b, G, R, nc, cs]
+    chunk_states = (xh * to_end[..., None]).transpose(-1, -2) @ Bg  # [b, G, R, nc, P, N]
+    S = x.new_zeros(b, H, P, N) if init_state is None else init_state
+    S = S.reshape(b, G, R, P, N)
+    decay = torch.exp(cum[..., -1])  # [b, G, R, nc]
     starts = []
     for c in range(nc):
         starts.append(S)
-        S = torch.exp(cum[:, c, -1])[..., None, None] * S + chunk_states[:, c]
-    y = y + torch.exp(cum)[..., None] * torch.einsum("bclhn,bchpn->bclhp", Ch, torch.stack(starts, 1))
-    y = y.reshape(b, nc * cs, H, P)[:, :T]
+        S = decay[..., c, None, None] * S + chunk_states[..., c, :, :]
+    y = y + torch.exp(cum)[..., None] * (Cg @ torch.stack(starts, 3).transpose(-1, -2))  # [b, G, R, nc, cs, P]
+    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, nc * cs, H, P)[:, :T]
     if D is not None:
-        y = y + (D[:, None] if D.dim() == 1 else D) * x.reshape(b, nc * cs, H, P)[:, :T]
-    return y, S
+        y = y + (D[:, None] if D.dim() == 1 else D) * x
+    return y, S.reshape(b, H, P, N)
 
 
 def _depthwise_conv(win: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -261,12 +271,25 @@ class Mamba2Mixer(nn.Module):
             self.norm = RMSNorm(c.d_inner, c.gated_norm_epsilon, group_size=c.d_inner // c.ngroups)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
 
-    def forward(self, u: Tensor, cache: SSMCache, layer: int, plan: ForwardPlan) -> Tensor:
-        # u: [b, T, E] -> [b, T, E]
+    def forward(self, u: Tensor, cache: SSMCache | None, layer: int, plan: ForwardPlan | None) -> Tensor:
+        # u: [b, T, E] -> [b, T, E]; cache=None: a causal block from a zero state (training), nothing stored
         c = self.c
         b, T, _ = u.shape
         H, P, G, N = c.nheads, c.headdim, c.ngroups, c.d_state
         z, xBC, dt = self.in_proj(u).split([c.d_inner, c.conv_dim, H], dim=-1)
+        if cache is None:
+            xBC = conv_chain(xBC, xBC.new_zeros(b, c.conv_dim, c.d_conv - 1), self.conv1d.weight,
+                             self.conv1d.bias)[0]
+            cdt = torch.promote_types(u.dtype, torch.float32)
+            x, Bm, Cm = xBC.to(cdt).split([c.d_inner, G * N, G * N], dim=-1)
+            dt = F.softplus((dt + self.dt_bias).to(cdt)).clamp(*c.dt_limit)  # [b, T, H]
+            A = -torch.exp(self.A_log.to(cdt))  # [H]
+            D = self.D.to(cdt).view(H, P) if c.D_has_hdim else self.D.to(cdt)
+            y = ssd_chunked_scan(x.view(b, T, H, P), dt, A, Bm.view(b, T, G, N), Cm.view(b, T, G, N),
+                                 c.chunk_size, D)[0]
+            y = y.reshape(b, T, c.d_inner)
+            y = self.norm(y, z) if c.rmsnorm else y * F.silu(z.to(cdt))
+            return self.out_proj(y.to(u.dtype))
         S0, W0 = cache.read(layer, plan)  # [b, R, H, P, N], [b, R, Cd, W-1]
         if plan.chain:
             xBC, window = conv_chain(xBC, W0[:, 0], self.conv1d.weight, self.conv1d.bias)
@@ -310,9 +333,9 @@ class MHA(nn.Module):
         r = t[..., :self.rd]
         return torch.cat([r * cos + rotate_half(r) * sin, t[..., self.rd:]], dim=-1)
 
-    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, k_cache: Tensor, v_cache: Tensor,
-                start: int, mask: Tensor | None) -> Tensor:
-        # x: [b, T, E]; cos, sin: [b, 1, T, rd]; k_cache, v_cache: [b, Hkv, C, D]; mask: [T, S]
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, k_cache: Tensor | None,
+                v_cache: Tensor | None, start: int, mask: Tensor | None) -> Tensor:
+        # x: [b, T, E]; cos, sin: [b, 1, T, rd]; k_cache, v_cache: [b, Hkv, C, D] or None; mask: [T, S]
         b, T, _ = x.shape
         q, k, v = self.in_proj(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
         q = q.view(b, T, self.H, self.D).transpose(1, 2)  # [b, H, T, D]
@@ -320,6 +343,11 @@ class MHA(nn.Module):
         v = v.view(b, T, self.Hkv, self.D).transpose(1, 2)
         if self.rd:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        if k_cache is None:  # no cache (training): causal within the block, S = T
+            k = k.repeat_interleave(self.H // self.Hkv, dim=1)  # [b, H, T, D]
+            v = v.repeat_interleave(self.H // self.Hkv, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+            return self.out_proj(y.transpose(1, 2).reshape(b, T, self.H * self.D))
         k_cache[:, :, start:start + T] = k
         v_cache[:, :, start:start + T] = v
         k = k_cache[:, :, :start + T].repeat_interleave(self.H // self.Hkv, dim=1)  # [b, H, S, D]
@@ -385,16 +413,27 @@ class Mamba2LMModel(nn.Module):
         return SSMCache(c.num_ssm_layers, batch, c.nheads, c.headdim, c.d_state, c.conv_dim, c.d_conv, capacity,
                         num_scratch or min(capacity, DEFAULT_NUM_SCRATCH), kv, dtype=dtype, device=device)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: SSMCache, start: int,
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: SSMCache | None = None, start: int = 0,
                 attn_mask: Tensor | None = None) -> Tensor:
+        """Logits for a block of T new tokens at slots [start, start + T) (see the module docstring).
+
+        With `cache=None` (training) `start` must be 0 and `attn_mask` None: the block is a causal text
+        from an empty prefix (zero SSM state and conv window; attention causal within the block), nothing
+        is stored, and the path is differentiable. It equals a cached prefill of the same block.
+        """
         # input_ids, position_ids: [b, T]; attn_mask: [T, S] bool, True = ancestor-or-self -> [b, T, V] fp32
         c = self.config
         b, T = input_ids.shape
         S = start + T
-        assert S <= cache.capacity, f"start {start} + {T} tokens exceeds cache capacity {cache.capacity}"
-        assert cache.ssm.shape[1] == b, (cache.ssm.shape, b)
-        assert attn_mask is None or attn_mask.shape == (T, S), (None if attn_mask is None else attn_mask.shape, T, S)
-        plan = cache.plan(start, T, attn_mask)
+        if cache is None:
+            assert start == 0 and attn_mask is None, "cache=None runs one causal block from slot 0 (no mask)"
+            plan = None
+        else:
+            assert S <= cache.capacity, f"start {start} + {T} tokens exceeds cache capacity {cache.capacity}"
+            assert cache.ssm.shape[1] == b, (cache.ssm.shape, b)
+            assert attn_mask is None or attn_mask.shape == (T, S), (None if attn_mask is None else attn_mask.shape,
+                                                                    T, S)
+            plan = cache.plan(start, T, attn_mask)
 
         x = self.backbone.embedding(input_ids)  # [b, T, E]
         dtype = x.dtype
@@ -402,7 +441,7 @@ class Mamba2LMModel(nn.Module):
             x = x.to(torch.promote_types(dtype, torch.float32))
         cos = sin = None
         if c.is_hybrid:
-            if attn_mask is None and T > 1:
+            if attn_mask is None and T > 1 and cache is not None:
                 attn_mask = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=start)
             if c.attn_rotary_dim:
                 cdt = torch.promote_types(dtype, torch.float32)
@@ -415,7 +454,8 @@ class Mamba2LMModel(nn.Module):
         for blk in self.backbone.layers:
             h = blk.norm(x.to(dtype))
             if isinstance(blk.mixer, MHA):
-                h = blk.mixer(h, cos, sin, cache.kv.k[attn_i], cache.kv.v[attn_i], start, attn_mask)
+                kv = (None, None) if cache is None else (cache.kv.k[attn_i], cache.kv.v[attn_i])
+                h = blk.mixer(h, cos, sin, *kv, start, attn_mask)
                 attn_i += 1
             else:
                 h = blk.mixer(h, cache, ssm_i, plan)
@@ -423,7 +463,8 @@ class Mamba2LMModel(nn.Module):
             x = x + h
             if c.d_intermediate:
                 x = x + blk.mlp(blk.norm2(x.to(dtype)))
-        cache.finish(plan)
+        if cache is not None:
+            cache.finish(plan)
         return self.lm_head(self.backbone.norm_f(x.to(dtype))).float()
 
 

@@ -13,7 +13,8 @@ Two layouts are read (`load_mamba2` tells them apart by config.json):
   (`mamba_ssm/modules/mha.py`).
 
 `save_mamba_ssm` and `save_hf_mamba2` write those layouts. Every problem with a user's files is a
-`CheckpointError` whose `where` names the offending file.
+`CheckpointError` whose `where` names the offending file. A directory with a `manifest.json` (the trained
+pairs, training/train.py) has every listed file's size and sha256 checked before use, as `load_llama` does.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from runtime.models.checkpoint import _checkpoint_dir, _eos_list, _read_json, _read_tensors
+from runtime.models.checkpoint import _checkpoint_dir, _eos_list, _read_json, _read_tensors, verify_manifest
 from runtime.models.mamba2 import Mamba2Config, Mamba2LMModel
 from spec_compiler.errors import CheckpointError
 
@@ -204,7 +205,9 @@ def is_mamba_ssm_config(d: dict[str, Any]) -> bool:
 
 def read_mamba2_config(path: str | Path) -> Mamba2Config:
     """The Mamba2Config of a checkpoint directory (either layout), from its config.json alone."""
-    file = _checkpoint_dir(path) / "config.json"
+    d = _checkpoint_dir(path)
+    verify_manifest(d, ["config.json"])
+    file = d / "config.json"
     d = _read_json(file)
     if not isinstance(d, dict):
         raise CheckpointError(str(file), "config.json must hold a JSON object")
@@ -301,6 +304,7 @@ def load_mamba2(path: str | Path, dtype: torch.dtype = torch.float32, device: to
                 use_triton: bool = False) -> Mamba2LMModel:
     """A Mamba2LMModel from an HF Mamba2ForCausalLM or a mamba-ssm checkpoint directory, in eval mode."""
     d = _checkpoint_dir(path)
+    verify_manifest(d)
     c = read_mamba2_config(d)
     wanted = param_shapes(c)
     if is_mamba_ssm_config(_read_json(d / "config.json")):

@@ -163,3 +163,18 @@ def test_bf16_cast_keeps_rope_in_fp32():
     assert out.dtype == torch.float32
     assert m.new_cache(1, 8).k.dtype == torch.bfloat16
     torch.testing.assert_close(out, causal_logits(MODEL, ids), atol=0.3, rtol=0.1)
+
+
+def test_cache_free_forward_matches_cached_and_trains():
+    # cache=None (training) attends causally within the block: same logits as a fresh cache, and differentiable.
+    ids = torch.randint(0, CFG.vocab_size, (3, 17), generator=torch.Generator().manual_seed(7))
+    pos = torch.arange(17).expand(3, 17)
+    with torch.no_grad():
+        cached = causal_logits(MODEL, ids)
+    m = init_random(CFG, seed=0)
+    free = m(ids, pos)
+    torch.testing.assert_close(free, cached, atol=1e-5, rtol=0)
+    free[:, -1].logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    with pytest.raises(AssertionError):
+        m(ids, pos, None, 4)  # start must be 0 without a cache

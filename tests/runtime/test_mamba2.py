@@ -3,6 +3,7 @@
 - a tree forward's per-node logits equal a step-by-step decode along each root-to-node path (hypothesis
   trees, fp32 and fp64), also when the tree is fed level by level as ModelDrafter does;
 - prefill == step-by-step decode == chunked scan at any split (teacher forced);
+- the cache-free training forward equals a prefill, and its gradients equal step-by-step decoding's;
 - after a tree forward and `compact(path)`, the committed SSM state, conv window and KV equal a fresh
   prefill of prefix + path, for accepted paths from the root alone to a whole branch, over repeated rounds;
 - greedy speculative output equals autoregressive output for model, prompt-lookup drafters and two tree
@@ -135,6 +136,33 @@ def test_prefill_equals_steps_equals_chunks(kind):
         torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
         assert cache.length == 13
         assert_cache_equal(cache, 13, full_cache)
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_cache_free_forward_equals_prefill_and_its_gradients_equal_step_decode(kind):
+    """The training path (`cache=None`): logits equal a cached prefill (13 tokens over four chunks of 4, the last
+    padded); in fp64 its gradients equal those of teacher-forced step-by-step decoding (the one-token recurrence,
+    differentiated through the cache), an independent computation of the same function."""
+    ids = torch.randint(0, V, (2, 13), generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(13).expand(2, 13)
+    _, cached = prefill(MODELS[kind], ids)
+    with torch.no_grad():
+        free = MODELS[kind](ids, pos)
+    torch.testing.assert_close(free, cached, atol=1e-5, rtol=1e-5)
+
+    model = init_random_mamba2(CONFIGS[kind], seed=7).double().train()
+    w = torch.randn(2, 13, V, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    params = list(model.parameters())
+    free = model(ids, pos)
+    assert free.requires_grad
+    grads = torch.autograd.grad((free * w).sum(), params)
+    cache = model.new_cache(2, 13)
+    steps = torch.cat([model(ids[:, t:t + 1], pos[:, t:t + 1], cache, t) for t in range(13)], dim=1)
+    torch.testing.assert_close(free, steps, atol=1e-5, rtol=1e-5)
+    ref = torch.autograd.grad((steps * w).sum(), params)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-7, msg=name)
 
 
 # ---- commit after acceptance == fresh prefill -------------------------------------------------------------

@@ -26,7 +26,7 @@ def plan_of(cfg):
 @pytest.mark.parametrize("drafter,tree", [("noisy_copy", "chain"), ("noisy_copy", "static"),
                                           ("prompt_lookup", "static")])
 def test_ssm_targets_bench_greedy_equal(compose, tmp_path, target, drafter, tree):
-    cfg = compose([f"target={target}", f"drafter={drafter}", f"tree={tree}", "task=bench",
+    cfg = compose([f"target={target}", f"drafter={drafter}", f"tree={tree}", "task=demo",
                    "task.max_new_tokens=24", "drafter.model.noise_std=0.1", f"task.output_dir={tmp_path}"])
     main.run(cfg)
     report = json.loads((tmp_path / "bench.json").read_text())
