@@ -113,3 +113,18 @@ def test_seeded_sampling_is_deterministic(compose, tmp_path, prompts):
     first = output_ids(seed=3, run=0)
     assert output_ids(seed=3, run=1) == first
     assert output_ids(seed=4, run=2) != first
+
+
+# ---- the embedded default ------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (ROOT / "models/default/target/model.safetensors").is_file(), reason="no trained pair")
+def test_default_run_end_to_end(tmp_path):
+    """`python main.py` with no arguments: the committed trained pair, offline, AR vs speculative."""
+    p = cli(f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| autoregressive |" in p.stdout and "tau" in p.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["outputs_equal_to_baseline"] == "1/1"
+    method = report["methods"][1]
+    # greedy fp32 on CPU is deterministic: tau is pinned exactly (TESTING.md layer 10)
+    assert method["tau"] == pytest.approx(DEFAULT_TAU, abs=1e-9), method["tau"]
