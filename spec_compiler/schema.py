@@ -390,7 +390,7 @@ class TrainConfig:
         if self.vocab_size < 257:
             raise ConfigError("train.vocab_size", "must be >= 257 (256 bytes + <|endoftext|>)", self.vocab_size)
         for name, arch in (("target", self.target), ("drafter", self.drafter)):
-            _check_arch(f"train.{name}", arch)
+            check_arch(f"train.{name}", arch)
         if self.lr <= 0:
             raise ConfigError("train.lr", "must be > 0", self.lr)
         if not 0 <= self.min_lr <= self.lr:
@@ -415,7 +415,8 @@ GATED_MLP_MULTIPLE = 128
 """mamba-ssm's GatedMLP rounds its width up to this; a trained d_intermediate must already be a multiple."""
 
 
-def _check_arch(key: str, a: ArchConfig) -> None:
+def check_arch(key: str, a) -> None:
+    """Architecture rules shared by TrainConfig's ArchConfig and a random-weight ModelConfig (same field names)."""
     attention = a.arch is not Arch.mamba2
     ssm = a.arch is not Arch.transformer
     positive = ("hidden_size", "num_layers") + (("num_heads", "num_kv_heads") if attention else ()) \

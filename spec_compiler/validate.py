@@ -19,7 +19,7 @@ from runtime.models.mamba2 import Mamba2Config
 from runtime.models.mamba_checkpoint import read_mamba2_config
 from runtime.sampling import AcceptanceRule, ChildKind
 from spec_compiler.errors import CheckpointError, ConfigError
-from spec_compiler.schema import (Arch, ChildSampling, Device, DrafterKind, ModelConfig, ModelSource, SpecConfig,
+from spec_compiler.schema import (Arch, ChildSampling, Device, check_arch, DrafterKind, ModelConfig, ModelSource, SpecConfig,
                                   TreePolicy)
 from spec_compiler.tree import TreeTopology
 
@@ -76,51 +76,19 @@ def _arch(m: ModelConfig, key: str, target: Optional[ModelArch]) -> ModelArch:
         if m.noise_std < 0:
             raise ConfigError(f"{key}.noise_std", "must be >= 0", m.noise_std)
         return target
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-        if getattr(m, name) < 1:
-            raise ConfigError(f"{key}.{name}", "must be >= 1", getattr(m, name))
     if m.vocab_size < 2:
         raise ConfigError(f"{key}.vocab_size", "must be >= 2", m.vocab_size)
-    attn = m.arch is not Arch.mamba2  # transformer and hybrid have attention layers
-    if attn and m.hidden_size % m.num_heads:
-        raise ConfigError(f"{key}.num_heads", f"must divide hidden_size ({m.hidden_size})", m.num_heads)
-    if attn and m.num_heads % m.num_kv_heads:
-        raise ConfigError(f"{key}.num_kv_heads", f"must divide num_heads ({m.num_heads})", m.num_kv_heads)
-    if attn and (m.hidden_size // m.num_heads) % 2:
-        raise ConfigError(f"{key}.hidden_size", "head_dim (hidden_size / num_heads) must be even for RoPE",
-                          m.hidden_size)
+    check_arch(key, m)
     if m.arch is Arch.transformer:
-        if m.attn_layer_idx:
-            _warn(f"{key}.attn_layer_idx", "no effect for arch=transformer")
         return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
                            num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
                            intermediate_size=m.intermediate_size, rope_theta=m.rope_theta,
                            tie_word_embeddings=m.tie_word_embeddings, attention_bias=m.family.value == "qwen2",
                            max_position_embeddings=1 << 20, family=m.family.value)
-    return _mamba2_arch(m, key)
+    return _mamba2_arch(m)
 
 
-def _mamba2_arch(m: ModelConfig, key: str) -> Mamba2Config:
-    if m.arch is Arch.mamba2 and m.attn_layer_idx:
-        raise ConfigError(f"{key}.attn_layer_idx", "a mamba2 model has no attention layers (use arch=hybrid)",
-                          list(m.attn_layer_idx))
-    if m.arch is Arch.hybrid and not m.attn_layer_idx:
-        raise ConfigError(f"{key}.attn_layer_idx", "a hybrid needs at least one attention layer index", [])
-    for i in m.attn_layer_idx:
-        if not 0 <= i < m.num_layers:
-            raise ConfigError(f"{key}.attn_layer_idx", f"layer {i} is outside 0..{m.num_layers - 1}",
-                              list(m.attn_layer_idx))
-    for name in ("d_state", "expand", "headdim", "ngroups", "chunk_size"):
-        if getattr(m, name) < 1:
-            raise ConfigError(f"{key}.{name}", "must be >= 1", getattr(m, name))
-    if m.d_conv < 2:
-        raise ConfigError(f"{key}.d_conv", "must be >= 2", m.d_conv)
-    d_inner = m.expand * m.hidden_size
-    if d_inner % m.headdim:
-        raise ConfigError(f"{key}.headdim", f"must divide d_inner = expand * hidden_size ({d_inner})", m.headdim)
-    if (d_inner // m.headdim) % m.ngroups:
-        raise ConfigError(f"{key}.ngroups", f"must divide the number of SSM heads ({d_inner // m.headdim})",
-                          m.ngroups)
+def _mamba2_arch(m: ModelConfig) -> Mamba2Config:
     head_dim = m.hidden_size // m.num_heads
     return Mamba2Config(vocab_size=m.vocab_size, d_model=m.hidden_size, n_layer=m.num_layers, d_state=m.d_state,
                         d_conv=m.d_conv, expand=m.expand, headdim=m.headdim, ngroups=m.ngroups,
