@@ -22,6 +22,7 @@ from training.corpus import Corpus, build_corpus
 SUITE = Path(__file__).resolve().parent.parent / "data" / "prompts" / "local_suite.jsonl"
 MAX_PROMPT_CHARS = 2400  # ~650 tokens at ~3.7 bytes/token
 LONG_CONTEXT_CHARS = 3000  # ~850 tokens: prompt + 128 new tokens fit a 1024-token context
+MAX_NEW_TOKENS = 128  # task=bench's default
 COPY_MARKER = "\n\n# ---- the module above, verbatim ----\n"
 
 
@@ -95,7 +96,8 @@ def _long_context(path: str, text: str) -> list[tuple[str, str]]:
     return out
 
 
-def build_suite(corpus: Corpus, per_category: int = 40) -> list[dict]:
+def build_suite(corpus: Corpus, per_category: int = 40, fits=lambda prompt: True) -> list[dict]:
+    """`fits(prompt)`: keep only prompts that leave room to generate in the target's context."""
     makers = {"code_completion": _code_completion, "docstring_to_code": _docstring_to_code,
               "long_context": _long_context}
     rows = []
@@ -103,7 +105,8 @@ def build_suite(corpus: Corpus, per_category: int = 40) -> list[dict]:
         items = []
         for path in sorted(corpus.heldout, key=_rank):
             for prompt, ref in make(path, corpus.text(path)):
-                items.append((path, prompt, ref))
+                if fits(prompt):
+                    items.append((path, prompt, ref))
         for path, prompt, ref in items[:per_category]:
             rows.append({"question_id": len(rows), "category": cat, "source": path, "turns": [prompt],
                          "reference": [ref]})
@@ -112,7 +115,13 @@ def build_suite(corpus: Corpus, per_category: int = 40) -> list[dict]:
 
 def main() -> None:
     corpus = build_corpus()
-    rows = build_suite(corpus)
+    tok_file = SUITE.parent.parent.parent / "models" / "default" / "target" / "tokenizer.json"
+    fits = lambda prompt: True  # noqa: E731
+    if tok_file.is_file():  # leave room for MAX_NEW_TOKENS in the default target's 1024-token context
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(tok_file))
+        fits = lambda prompt: len(tok.encode(prompt).ids) <= 1024 - MAX_NEW_TOKENS  # noqa: E731
+    rows = build_suite(corpus, fits=fits)
     SUITE.parent.mkdir(parents=True, exist_ok=True)
     SUITE.write_text("".join(json.dumps(r) + "\n" for r in rows))
     counts = {c: sum(r["category"] == c for r in rows) for c in {r["category"] for r in rows}}
