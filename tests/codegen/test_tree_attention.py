@@ -23,7 +23,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from codegen.tree_attention import (TreeAttentionSpec, bitsets_to_mask, pack_bitsets,  # noqa: E402
                                     tree_attention, tree_attention_ref)
-from spec_compiler.tree import TreeTopology  # noqa: E402
+from spec_compiler.tree import TreeTopology
+from tests.spec_compiler.test_tree import parent_lists  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # atol = rtol, per dtype: a few ulps of the output (flash-style kernels round P to the cache dtype)
@@ -32,21 +33,9 @@ SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, database=N
                     suppress_health_check=[HealthCheck.too_slow])
 
 
-@st.composite
-def tree_topologies(draw, max_nodes: int = 24, max_depth: int = 5, max_branch: int = 3) -> TreeTopology:
+def tree_topologies(max_nodes: int = 24):
     """Random topological trees: depth <= 5, branching <= 3, any sibling / id order; single nodes too."""
-    n = draw(st.integers(min_value=1, max_value=max_nodes))
-    parents, depth, kids = [-1], [0], [0]
-    for i in range(1, n):
-        eligible = [j for j in range(i) if depth[j] < max_depth and kids[j] < max_branch]
-        if not eligible:
-            break
-        j = draw(st.sampled_from(eligible))
-        parents.append(j)
-        depth.append(depth[j] + 1)
-        kids.append(0)
-        kids[j] += 1
-    return TreeTopology(tuple(parents))
+    return parent_lists(max_nodes=max_nodes, max_depth=5, max_branch=3).map(TreeTopology)
 
 
 def make_inputs(B, H, Hkv, T, D, C, dtype, seed=0):

@@ -25,12 +25,14 @@ SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=
 # strategies and reference derivations
 # ---------------------------------------------------------------------------------------------------
 @st.composite
-def parent_lists(draw, max_nodes: int = 40) -> tuple[int, ...]:
-    """Random topological parent list: depth <= 6, branching <= 4, any sibling/id order."""
+def parent_lists(draw, max_nodes: int = 40, max_depth: int = None, max_branch: int = None) -> tuple[int, ...]:
+    """Random topological parent list: depth <= 6, branching <= 4 (unless given), any sibling/id order."""
+    max_depth = MAX_DEPTH if max_depth is None else max_depth
+    max_branch = MAX_BRANCH if max_branch is None else max_branch
     n = draw(st.integers(min_value=1, max_value=max_nodes))
     parents, depth, kids = [-1], [0], [0]
     for i in range(1, n):
-        eligible = [j for j in range(i) if depth[j] < MAX_DEPTH and kids[j] < MAX_BRANCH]
+        eligible = [j for j in range(i) if depth[j] < max_depth and kids[j] < max_branch]
         if not eligible:
             break
         j = draw(st.sampled_from(eligible))
