@@ -89,7 +89,7 @@ def decode(target: LlamaModel, cache: KVCache, drafter, prompt_ids: list[int], *
     with torch.no_grad():
         if L:
             ids = torch.tensor([tokens[:L]], device=device)
-            target(ids, torch.arange(L, device=device)[None], cache, 0)
+            target(ids, torch.arange(L, device=device)[None], cache, 0, num_logits=0)
     res = DecodeResult([])
     while True:
         remaining = min(max_new_tokens - len(res.output_ids), max_seq_len - len(tokens))

@@ -30,31 +30,35 @@ class NoDrafter:
 
 class ModelDrafter:
     def __init__(self, model: LlamaModel, topology: TreeTopology, capacity: int, child_kind: ChildKind,
-                 temperature: float, target_vocab: int, cache=None):
+                 temperature: float, target_vocab: int, cache=None, s2t: torch.Tensor | None = None):
         """`model`: a LlamaModel or Mamba2LMModel (same forward contract); `cache`: a prebuilt cache of
-        `capacity` slots, else model.new_cache(1, capacity)."""
+        `capacity` slots, else model.new_cache(1, capacity); `s2t`: [K] token id of each logit column when
+        the model's head is trimmed (VocabTrim, runtime.models.llama.trim_lm_head), else None."""
         assert topology.is_level_ordered, "drafting fills one level per forward"
         self.model, self.topology, self.kind = model, topology, child_kind
         self.temperature, self.vocab = temperature, target_vocab
         self.device = next(model.parameters()).device
         self.cache = cache if cache is not None else model.new_cache(1, capacity)
         self.cached = 0  # slots [0, cached) hold the KV of tokens[0:cached]
+        self.s2t = s2t.cpu() if s2t is not None else None
 
     def reset(self) -> None:
         self.cached = 0
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """[m, Vd] logits -> [m, V] float64 proposal (zero beyond the drafter's vocabulary)."""
-        p = torch.softmax(logits.to(torch.float64) / self.temperature, dim=-1)
+        """[m, Vd] logits -> [m, V] float64 proposal over target ids (zero for ids the drafter's head lacks:
+        beyond its vocabulary, or trimmed away)."""
+        p = torch.softmax(logits.to(torch.float64) / self.temperature, dim=-1).cpu()
+        if self.s2t is not None:
+            return torch.zeros(p.shape[0], self.vocab, dtype=torch.float64).index_copy_(1, self.s2t, p)
         if p.shape[-1] < self.vocab:
             p = torch.nn.functional.pad(p, (0, self.vocab - p.shape[-1]))
-        return p.cpu()
+        return p
 
     def _children(self, p: torch.Tensor, b: int, gen: torch.Generator | None) -> list[int]:
-        """b child tokens from one [V] distribution, in generation order (fewer if p's support is smaller)."""
+        """b sampled child tokens from one [V] distribution, in generation order (fewer if p's support is
+        smaller): i.i.d., or without replacement."""
         b = min(b, int((p > 0).sum()))
-        if self.kind is ChildKind.deterministic:
-            return torch.topk(p, b).indices.tolist()
         if self.kind is ChildKind.iid:
             return torch.multinomial(p, b, replacement=True, generator=gen).tolist()
         u = torch.rand(p.shape, generator=gen, dtype=torch.float64).clamp_min(1e-300)
@@ -69,22 +73,31 @@ class ModelDrafter:
         # catch up: tokens[cached:] (ending with the root) in one causal forward
         new = torch.tensor([tokens[self.cached:]], device=self.device)
         pos = torch.arange(self.cached, len(tokens), device=self.device)[None]
-        logits = self.model(new, pos, self.cache, self.cached)[0, -1:]
+        logits = self.model(new, pos, self.cache, self.cached, num_logits=1)[0]
         self.cached = len(tokens)
         L = self.cached - 1  # the root's slot; node i sits at slot L + i
 
         n = topo.n
         toks, keep = [tokens[-1]] + [0] * (n - 1), [True] + [False] * (n - 1)
-        probs = torch.zeros(n, self.vocab, dtype=torch.float64)
+        # Sampled children need the distribution they came from (the verifier's proposal); top-b children
+        # need only the ranking, so they skip the fp64 softmax over the vocabulary (DraftTree.draft_probs None).
+        sampled = self.kind is not ChildKind.deterministic
+        probs = torch.zeros(n, self.vocab, dtype=torch.float64) if sampled else None
         anc = topo.ancestor_mask(self.device)
         for d, level in enumerate(topo.levels):
-            p_level = self._probs(logits)  # distributions at the nodes of this level
-            for node, p in zip(level, p_level):
-                probs[node] = p
+            if sampled:
+                p_level = self._probs(logits)  # distributions at the nodes of this level
+            else:
+                width = min(max(len(topo.children[node]) for node in level), logits.shape[-1])
+                top = torch.topk(logits, width, dim=-1).indices.cpu() if width else None  # [m, width] columns
+                top = (top if self.s2t is None else self.s2t[top]).tolist() if width else None  # token ids
+            for j, node in enumerate(level):
                 kids = topo.children[node]
+                if sampled:
+                    probs[node] = p_level[j]
                 if not kids or not keep[node]:
                     continue
-                picked = self._children(p, len(kids), gen)
+                picked = self._children(p_level[j], len(kids), gen) if sampled else top[j][:len(kids)]
                 for c, x in zip(kids, picked):
                     toks[c], keep[c] = x, True
             if d + 1 == len(topo.levels) - 1:
@@ -101,7 +114,7 @@ class ModelDrafter:
         kept = [i for i in range(n) if keep[i]]
         sub = topo.select(kept)
         kinds = [self.kind.value if sub.children[i] else "" for i in range(sub.n)]
-        return DraftTree(sub, [toks[i] for i in kept], kinds, probs[kept])
+        return DraftTree(sub, [toks[i] for i in kept], kinds, probs[kept] if sampled else None)
 
 
 class PromptLookupDrafter:

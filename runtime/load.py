@@ -14,7 +14,8 @@ from runtime.decode import DecodeResult, SamplingParams, StepState, decode
 from runtime.drafters import ModelDrafter, NoDrafter, PromptLookupDrafter
 from runtime.models import mamba2
 from runtime.models.checkpoint import load_llama, read_eos_ids
-from runtime.models.llama import LlamaConfig, LlamaModel, init_random, perturbed_copy
+from runtime import vocab_trim
+from runtime.models.llama import LlamaConfig, LlamaModel, init_random, perturbed_copy, trim_lm_head
 from runtime.models.mamba_checkpoint import load_mamba2
 from runtime.sampling import AcceptanceRule, ChildKind
 from runtime.tokenizer import EOT, get_tokenizer
@@ -73,15 +74,21 @@ def new_cache(model, plan: Plan):
     return model.new_cache(1, plan.cache_capacity)
 
 
-def make_drafter(plan: Plan, target):
+def make_drafter(plan: Plan, target, cache=None, tokenizer=None, eos_ids: tuple[int, ...] = ()):
+    """The plan's drafter. A VocabTrim plan also needs the target, its cache (calibration runs the target
+    when no calibration file exists yet), the tokenizer and the EOS ids."""
     topo = TreeTopology(plan.tree_parents)
     if plan.drafter_kind == "none":
         return NoDrafter()
     if plan.drafter_kind == "prompt_lookup":
         return PromptLookupDrafter(topo, *plan.prompt_lookup)
     model = build_model(plan.drafter, plan.device, target)
+    s2t = None
+    if plan.vocab_trim is not None:
+        s2t, _ = vocab_trim.resolve(plan, target, cache, tokenizer, eos_ids, model.config.vocab_size)
+        trim_lm_head(model, s2t)
     return ModelDrafter(model, topo, plan.cache_capacity, ChildKind(plan.child_kind), plan.drafter_temperature,
-                        target.config.vocab_size, cache=new_cache(model, plan))
+                        target.config.vocab_size, cache=new_cache(model, plan), s2t=s2t)
 
 
 def load(plan: Plan) -> Runtime:
@@ -94,4 +101,4 @@ def load(plan: Plan) -> Runtime:
         eot = tokenizer.token_to_id(EOT)
         eos = (eot,) if eot is not None and eot < target.config.vocab_size else ()
     sampling = SamplingParams(plan.temperature, plan.top_k, plan.top_p, AcceptanceRule(plan.acceptance))
-    return Runtime(plan, target, cache, make_drafter(plan, target), tokenizer, eos, sampling)
+    return Runtime(plan, target, cache, make_drafter(plan, target, cache, tokenizer, eos), tokenizer, eos, sampling)

@@ -89,10 +89,14 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p
     return q
 
 
-def greedy_token(logits: torch.Tensor) -> int:
-    """argmax of a [V] logit row (lowest id on exact ties); the AR baseline uses the same function."""
+def check_finite(logits: torch.Tensor) -> None:
     if not torch.isfinite(logits).all():
         raise NumericsError("logits", "non-finite target logits (NaN or Inf)")
+
+
+def greedy_token(logits: torch.Tensor) -> int:
+    """argmax of a [V] logit row (lowest id on exact ties)."""
+    check_finite(logits)
     return int(torch.argmax(logits))
 
 
@@ -157,8 +161,9 @@ def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int
     Returns (accepted path of node ids, root first) and the next token (recovered or bonus).
     """
     topo, node, path = tree.topology, 0, [0]
+    check_finite(logits)
     while True:
-        y = greedy_token(logits[node])
+        y = int(torch.argmax(logits[node]))  # as greedy_token (lowest id on ties); checked once above
         nxt = next((c for c in topo.children[node] if tree.tokens[c] == y), None)
         if nxt is None:
             return path, y

@@ -34,6 +34,18 @@ class ModelPlan:
 
 
 @dataclass(frozen=True)
+class VocabTrimPlan:
+    size: int
+    prompts: str
+    """Absolute calibration prompt file."""
+    num_prompts: int
+    max_new_tokens: int
+    keep: tuple[str, ...]
+    artifact: Optional[str]
+    """Absolute calibration file, or None for artifacts/vocab_trim/<key>.json."""
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     target: ModelPlan
@@ -58,6 +70,8 @@ class Plan:
     max_seq_len: int
     cache_capacity: int
     """KV slots: max_seq_len plus one tree's worth of scratch slots."""
+    vocab_trim: Optional[VocabTrimPlan] = None
+    """The drafter's LM head is trimmed (VocabTrim); None = full head."""
     plan_version: int = PLAN_VERSION
 
     def to_dict(self) -> dict:
@@ -118,6 +132,14 @@ def _device(resolved: Resolved) -> str:
     return dev
 
 
+def _vocab_trim_plan(resolved: Resolved) -> Optional[VocabTrimPlan]:
+    vt = resolved.cfg.drafter.vocab_trim
+    if not vt.enabled or vt.size >= resolved.drafter_arch.vocab_size:
+        return None
+    return VocabTrimPlan(vt.size, str(resolve_path(vt.prompts)), vt.num_prompts, vt.max_new_tokens, tuple(vt.keep),
+                         None if vt.artifact is None else str(resolve_path(vt.artifact)))
+
+
 def make_plan(resolved: Resolved) -> Plan:
     cfg = resolved.cfg
     d, s, topo = cfg.drafter, cfg.sampling, resolved.topology
@@ -150,4 +172,5 @@ def make_plan(resolved: Resolved) -> Plan:
         device=_device(resolved),
         max_seq_len=cfg.target.max_seq_len,
         cache_capacity=cfg.target.max_seq_len + topo.n,
+        vocab_trim=_vocab_trim_plan(resolved),
     )

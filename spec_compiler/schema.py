@@ -183,6 +183,37 @@ class PromptLookupConfig:
 
 
 @dataclass
+class VocabTrimConfig:
+    """VocabTrim (ALGORITHMS.md §6): the draft model's LM head keeps only the `size` tokens the target emits
+    most on calibration prompts. Training-free and lossless (a trimmed-away token has draft probability 0,
+    so the target's mass on it stays in the residual); it makes every draft forward cheaper."""
+
+    enabled: bool = False
+    """Trim the drafter's output head (its input embedding stays whole)."""
+    size: int = 4096
+    """K: head rows kept, the calibration's most frequent target tokens (+ EOS and `keep`)."""
+    prompts: str = "data/prompts/calibration.jsonl"
+    """Calibration prompts, Spec-Bench question format (ours: cut from the corpus's TRAINING files)."""
+    num_prompts: int = 48
+    """How many of them to complete with the target (0 = all)."""
+    max_new_tokens: int = 128
+    """Target tokens generated per calibration prompt (with the run's sampling settings)."""
+    keep: list[str] = field(default_factory=list)
+    """Token strings always kept (chat-template and control tokens); the target's EOS ids always are."""
+    artifact: Optional[str] = None
+    """Calibration file (token counts + the target's identity) to reuse, or to write if missing;
+    None = artifacts/vocab_trim/<key>.json."""
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ConfigError("drafter.vocab_trim.size", "must be >= 1", self.size)
+        if self.num_prompts < 0:
+            raise ConfigError("drafter.vocab_trim.num_prompts", "must be >= 0 (0 = all)", self.num_prompts)
+        if self.max_new_tokens < 1:
+            raise ConfigError("drafter.vocab_trim.max_new_tokens", "must be >= 1", self.max_new_tokens)
+
+
+@dataclass
 class DrafterConfig:
     kind: DrafterKind = DrafterKind.none
     """Which proposer drafts tokens."""
@@ -194,6 +225,8 @@ class DrafterConfig:
     """kind=model, sampling mode: temperature of the drafter distribution children are sampled from."""
     prompt_lookup: PromptLookupConfig = field(default_factory=PromptLookupConfig)
     """kind=prompt_lookup settings."""
+    vocab_trim: VocabTrimConfig = field(default_factory=VocabTrimConfig)
+    """kind=model: trim the draft model's LM head to the target's frequent tokens (VocabTrim)."""
 
     def __post_init__(self):
         if self.temperature <= 0:

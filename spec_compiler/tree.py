@@ -102,12 +102,14 @@ class TreeTopology:
     def root_to_leaf_paths(self) -> tuple[tuple[int, ...], ...]:
         return tuple(self.path(leaf) for leaf in self.leaves)
 
+    @cached_property
+    def _ancestor_rows(self) -> tuple[tuple[bool, ...], ...]:
+        return tuple(tuple(j in set(self.path(i)) for j in range(self.n)) for i in range(self.n))
+
     def ancestor_mask(self, device=None) -> torch.Tensor:
-        """[n, n] bool: M[i, j] iff j is on the root->i path (ancestor-or-self)."""
-        m = torch.zeros(self.n, self.n, dtype=torch.bool)
-        for i in range(self.n):
-            m[i, list(self.path(i))] = True
-        return m.to(device) if device is not None else m
+        """[n, n] bool: M[i, j] iff j is on the root->i path (ancestor-or-self). A fresh tensor per call
+        (built from rows computed once per topology: decoding asks for it every step)."""
+        return torch.tensor(self._ancestor_rows, dtype=torch.bool, device=device)
 
     def bitsets(self) -> tuple[int, ...]:
         """Per-row ancestor-or-self bitsets (bit j set iff j is on root->i); kernels use 64-bit words."""

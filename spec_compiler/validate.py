@@ -166,6 +166,7 @@ def validate(cfg: SpecConfig) -> Resolved:
             raise ConfigError("target.max_seq_len", f"exceeds the drafter's max_position_embeddings ({limit})",
                               t.max_seq_len)
         _check_same_tokenizer(cfg)
+    _check_vocab_trim(cfg, drafter_arch)
 
     topo = _topology(cfg)
     if d.kind is DrafterKind.none and cfg.tree.policy is TreePolicy.static:
@@ -194,6 +195,22 @@ def validate(cfg: SpecConfig) -> Resolved:
         if not torch.cuda.is_available():
             raise ConfigError("backend.device", "CUDA is not available on this machine (use auto or cpu)", "cuda")
     return Resolved(cfg, target_arch, drafter_arch, topo, kind, cfg.sampling.acceptance)
+
+
+def _check_vocab_trim(cfg: SpecConfig, drafter_arch: Optional[ModelArch]) -> None:
+    vt = cfg.drafter.vocab_trim
+    if not vt.enabled:
+        return
+    if cfg.drafter.kind is not DrafterKind.model:
+        raise ConfigError("drafter.vocab_trim.enabled", f"trims a draft model's LM head; drafter.kind="
+                          f"{cfg.drafter.kind.value} has none", True)
+    if vt.size >= drafter_arch.vocab_size:
+        _warn("drafter.vocab_trim.size", f"{vt.size} >= the drafter's vocabulary ({drafter_arch.vocab_size}): "
+              "nothing is trimmed")
+    has_artifact = vt.artifact is not None and resolve_path(vt.artifact).is_file()
+    if not has_artifact and not resolve_path(vt.prompts).is_file():
+        raise ConfigError("drafter.vocab_trim.prompts", f"calibration prompt file not found: "
+                          f"{resolve_path(vt.prompts)}", vt.prompts)
 
 
 def _check_same_tokenizer(cfg: SpecConfig) -> None:

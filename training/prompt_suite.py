@@ -1,4 +1,5 @@
-"""The local prompt suite: Spec-Bench-format questions cut from HELD-OUT standard-library files only.
+"""The local prompt suite: Spec-Bench-format questions cut from HELD-OUT standard-library files only (and
+VocabTrim's calibration prompts, cut the same way from TRAINING files).
 
 Categories (BENCHMARKS.md §3, adapted to a code-only corpus):
 - `code_completion`: a prefix of a held-out file, cut at a line boundary; continue the file.
@@ -20,6 +21,7 @@ from pathlib import Path
 from training.corpus import Corpus, build_corpus
 
 SUITE = Path(__file__).resolve().parent.parent / "data" / "prompts" / "local_suite.jsonl"
+CALIBRATION = SUITE.parent / "calibration.jsonl"  # VocabTrim calibration prompts, from TRAINING files
 MAX_PROMPT_CHARS = 2400  # ~650 tokens at ~3.7 bytes/token
 LONG_CONTEXT_CHARS = 3000  # ~850 tokens: prompt + 128 new tokens fit a 1024-token context
 MAX_NEW_TOKENS = 128  # task=bench's default
@@ -96,14 +98,16 @@ def _long_context(path: str, text: str) -> list[tuple[str, str]]:
     return out
 
 
-def build_suite(corpus: Corpus, per_category: int = 40, fits=lambda prompt: True) -> list[dict]:
-    """`fits(prompt)`: keep only prompts that leave room to generate in the target's context."""
+def build_suite(corpus: Corpus, per_category: int = 40, fits=lambda prompt: True, split: str = "heldout") -> list[dict]:
+    """`fits(prompt)`: keep only prompts that leave room to generate in the target's context. `split`:
+    'heldout' for the benchmark suite; 'train' for VocabTrim's calibration prompts (never benchmarked)."""
     makers = {"code_completion": _code_completion, "docstring_to_code": _docstring_to_code,
               "long_context": _long_context}
+    files = {"heldout": corpus.heldout, "train": corpus.train}[split]
     rows = []
     for cat, make in makers.items():
         items = []
-        for path in sorted(corpus.heldout, key=_rank):
+        for path in sorted(files, key=_rank):
             for prompt, ref in make(path, corpus.text(path)):
                 if fits(prompt):
                     items.append((path, prompt, ref))
@@ -121,12 +125,12 @@ def main() -> None:
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(str(tok_file))
         fits = lambda prompt: len(tok.encode(prompt).ids) <= 1024 - MAX_NEW_TOKENS  # noqa: E731
-    rows = build_suite(corpus, fits=fits)
     SUITE.parent.mkdir(parents=True, exist_ok=True)
-    SUITE.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    counts = {c: sum(r["category"] == c for r in rows) for c in {r["category"] for r in rows}}
-    print(f"{len(rows)} prompts {counts} from {len(corpus.heldout)} held-out files "
-          f"(corpus {corpus.content_hash[:12]}) -> {SUITE}")
+    for path, split, per_category in ((SUITE, "heldout", 40), (CALIBRATION, "train", 16)):
+        rows = build_suite(corpus, per_category, fits, split)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        counts = {c: sum(r["category"] == c for r in rows) for c in {r["category"] for r in rows}}
+        print(f"{len(rows)} prompts {counts} from {split} files (corpus {corpus.content_hash[:12]}) -> {path}")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,30 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None, start: int,
+                     mask: Tensor | None, scale: float | None = None) -> Tensor:
+    """Grouped-query attention of a block of T new tokens; writes their keys/values into the cache first.
+
+    q: [B, H, T, D]; k, v: [B, Hkv, T, D] (the block's own); k_cache, v_cache: [B, Hkv, C, D], or None for
+    training (the block attends causally to itself, or per `mask`, and nothing is stored); mask: [T, S]
+    bool, True = may attend (None with a cache: every new token sees slots 0..start+T-1). -> [B, T, H*D].
+    SDPA's enable_gqa reads each KV head in place for its H/Hkv query heads (bitwise equal to repeating
+    the KV heads, without copying the cache every call).
+    """
+    B, H, T, D = q.shape
+    if k_cache is None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=True)
+    else:
+        k_cache[:, :, start:start + T] = k
+        v_cache[:, :, start:start + T] = v
+        k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # [B, Hkv, S, D] views of the cache
+        if torch.is_grad_enabled():  # autograd must keep what it saw, not a view later steps overwrite
+            k, v = k.clone(), v.clone()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)  # [B, H, T, D]
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
 class KVCache:
     """Keys and values for every layer, allocated once and written by slot index."""
 
@@ -136,9 +160,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # normalise in fp32, cast back, then scale (HF Llama's order); in fp32 that is one op with the weight
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -152,23 +177,62 @@ class Attention(nn.Module):
                 start: int, mask: Tensor | None) -> Tensor:
         # x: [B, T, hidden]; cos, sin: [B, 1, T, D]; k_cache, v_cache: [B, Hkv, C, D] or None; mask: [T, S]
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
-        q = q.view(B, T, self.H, self.D).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.Hkv, self.D).transpose(1, 2)  # [B, Hkv, T, D]
+        qk, v = self.wqkv(x).split([(self.H + self.Hkv) * self.D, self.Hkv * self.D], dim=-1)
+        qk = qk.view(B, T, self.H + self.Hkv, self.D).transpose(1, 2)  # [B, H + Hkv, T, D]
+        qk = qk * cos + rotate_half(qk) * sin  # RoPE on queries and keys in one pass
+        q, k = qk.split([self.H, self.Hkv], dim=1)  # [B, H, T, D], [B, Hkv, T, D]
         v = v.view(B, T, self.Hkv, self.D).transpose(1, 2)  # [B, Hkv, T, D]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if k_cache is None:  # no cache (training): the block attends to itself only, S = T
-            k = k.repeat_interleave(self.H // self.Hkv, dim=1)  # [B, H, T, D]
-            v = v.repeat_interleave(self.H // self.Hkv, dim=1)  # [B, H, T, D]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, H, T, D]
-            return self.wo(y.transpose(1, 2).reshape(B, T, self.H * self.D))
-        k_cache[:, :, start:start + T] = k
-        v_cache[:, :, start:start + T] = v
-        k = k_cache[:, :, :start + T].repeat_interleave(self.H // self.Hkv, dim=1)  # [B, H, S, D]
-        v = v_cache[:, :, :start + T].repeat_interleave(self.H // self.Hkv, dim=1)  # [B, H, S, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, D]
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.H * self.D))
+        return self.wo(cached_attention(q, k, v, k_cache, v_cache, start, mask))
+
+
+def last_rows(x: Tensor, n: int | None) -> Tensor:
+    """x [B, T, E] -> its last n tokens [B, n, E] (all of them for None)."""
+    return x if n is None else x[:, x.shape[1] - n:]
+
+
+class LMHead(nn.Linear):
+    """The vocabulary projection (an nn.Linear: same parameter names, tying and checkpoints).
+
+    Why not plain F.linear on CPU: for a few rows against a [V, E] weight, MKL's sgemm runs far below
+    memory bandwidth on the 2-core AMD EPYC CI box (V=16384, E=256, fp32, one thread: one row 2.7 ms via
+    F.linear vs 0.6 ms as a GEMV against the transposed weight; five rows 5.3 ms vs 2.4 ms as W @ h^T).
+    The head is the largest matmul of a small drafter or target, so fp32 CPU inference takes those two
+    forms (the transposed copy is cached and rebuilt whenever the weight changes). Training, other
+    dtypes and other devices use F.linear.
+    """
+
+    def forward(self, h: Tensor) -> Tensor:
+        # h: [..., E] -> [..., V]
+        if h.device.type != "cpu" or h.dtype != torch.float32 or self.bias is not None or torch.is_grad_enabled():
+            return super().forward(h)
+        rows = h.reshape(-1, h.shape[-1])  # [m, E]
+        out = rows @ self._transposed() if rows.shape[0] == 1 else (self.weight @ rows.t()).t()  # [m, V]
+        return out.view(*h.shape[:-1], out.shape[-1])
+
+    def _transposed(self) -> Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape))
+        if self.__dict__.get("_wt_key") != key:
+            self.__dict__["_wt"], self.__dict__["_wt_key"] = w.detach().t().contiguous(), key  # [E, V]
+        return self.__dict__["_wt"]
+
+
+def trim_lm_head(model: nn.Module, ids: Tensor) -> None:
+    """Replace the model's LMHead (Llama `output`, Mamba2 `lm_head`) by one over rows `ids` only (VocabTrim):
+    logits[..., j] then belong to token ids[j]. The copy unties a tied head; the input embedding stays whole,
+    because the model must still embed every accepted token."""
+    for parent in list(model.modules()):
+        for name, head in parent.named_children():
+            if isinstance(head, LMHead):
+                w = head.weight.detach()
+                new = LMHead(head.in_features, len(ids), bias=head.bias is not None, device=w.device, dtype=w.dtype)
+                with torch.no_grad():
+                    new.weight.copy_(w[ids.to(w.device)])
+                    if head.bias is not None:
+                        new.bias.copy_(head.bias.detach()[ids.to(w.device)])
+                setattr(parent, name, new.requires_grad_(False))
+                return
+    raise TypeError(f"{type(model).__name__} has no LMHead to trim")
 
 
 class FeedForward(nn.Module):
@@ -203,7 +267,7 @@ class LlamaModel(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.output = LMHead(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
@@ -223,15 +287,16 @@ class LlamaModel(nn.Module):
                        dtype=dtype or w.dtype, device=device or w.device)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache | None = None, start: int = 0,
-                attn_mask: Tensor | None = None) -> Tensor:
-        """Logits for a block of T new tokens.
+                attn_mask: Tensor | None = None, num_logits: int | None = None) -> Tensor:
+        """Logits for a block of T new tokens (for its last `num_logits` tokens only, when given: a prefill
+        needs none, a drafter's catch-up one).
 
         With a `cache`, the block's keys and values are written to slots start..start+T-1 and it attends
         to slots 0..S-1 (default mask: the whole prefix plus causal within the block). With `cache=None`
         (training) nothing is stored, `start` must be 0 and the block attends causally to itself
         (or per `attn_mask`, [T, T]); this path is differentiable.
         """
-        # input_ids, position_ids: [B, T]; attn_mask: [T, S] bool, True = may attend -> [B, T, V] fp32
+        # input_ids, position_ids: [B, T]; attn_mask: [T, S] bool, True = may attend -> [B, T or num_logits, V] fp32
         B, T = input_ids.shape
         S = start + T
         if cache is None:
@@ -250,7 +315,7 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = (None, None) if cache is None else (cache.k[i], cache.v[i])
             x = layer(x, cos, sin, k_cache, v_cache, start, attn_mask)
-        return self.output(self.norm(x)).float()
+        return self.output(self.norm(last_rows(x, num_logits))).float()
 
 
 @torch.no_grad()

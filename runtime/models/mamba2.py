@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codegen.ssm_tree_scan import ssm_tree_scan, ssm_tree_scan_ref
-from runtime.models.llama import KVCache, rotate_half
+from runtime.models.llama import KVCache, LMHead, cached_attention, last_rows, rotate_half
 from runtime.models.ssm_cache import ForwardPlan, SSMCache
 
 DEFAULT_NUM_SCRATCH = 64
@@ -343,17 +343,7 @@ class MHA(nn.Module):
         v = v.view(b, T, self.Hkv, self.D).transpose(1, 2)
         if self.rd:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        if k_cache is None:  # no cache (training): causal within the block, S = T
-            k = k.repeat_interleave(self.H // self.Hkv, dim=1)  # [b, H, T, D]
-            v = v.repeat_interleave(self.H // self.Hkv, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
-            return self.out_proj(y.transpose(1, 2).reshape(b, T, self.H * self.D))
-        k_cache[:, :, start:start + T] = k
-        v_cache[:, :, start:start + T] = v
-        k = k_cache[:, :, :start + T].repeat_interleave(self.H // self.Hkv, dim=1)  # [b, H, S, D]
-        v = v_cache[:, :, :start + T].repeat_interleave(self.H // self.Hkv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [b, H, T, D]
-        return self.out_proj(y.transpose(1, 2).reshape(b, T, self.H * self.D))
+        return self.out_proj(cached_attention(q, k, v, k_cache, v_cache, start, mask, self.scale))
 
 
 class GatedMLP(nn.Module):
@@ -395,7 +385,7 @@ class Mamba2LMModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Backbone(config, use_triton)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
 
@@ -414,8 +404,9 @@ class Mamba2LMModel(nn.Module):
                         num_scratch or min(capacity, DEFAULT_NUM_SCRATCH), kv, dtype=dtype, device=device)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache: SSMCache | None = None, start: int = 0,
-                attn_mask: Tensor | None = None) -> Tensor:
-        """Logits for a block of T new tokens at slots [start, start + T) (see the module docstring).
+                attn_mask: Tensor | None = None, num_logits: int | None = None) -> Tensor:
+        """Logits for a block of T new tokens at slots [start, start + T) (see the module docstring); for its
+        last `num_logits` tokens only when given.
 
         With `cache=None` (training) `start` must be 0 and `attn_mask` None: the block is a causal text
         from an empty prefix (zero SSM state and conv window; attention causal within the block), nothing
@@ -465,7 +456,7 @@ class Mamba2LMModel(nn.Module):
                 x = x + blk.mlp(blk.norm2(x.to(dtype)))
         if cache is not None:
             cache.finish(plan)
-        return self.lm_head(self.backbone.norm_f(x.to(dtype))).float()
+        return self.lm_head(self.backbone.norm_f(last_rows(x, num_logits).to(dtype))).float()
 
 
 @torch.no_grad()

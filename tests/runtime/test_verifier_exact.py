@@ -59,6 +59,8 @@ class World:
     d_top_k: int = 0
     scale: float = 1.5
     same: bool = False
+    d_keep: tuple[int, ...] | None = None
+    """VocabTrim: the drafter's head has only these token ids (p is 0 elsewhere, renormalised over them)."""
     _q: dict = field(default_factory=dict, repr=False)
     _p: dict = field(default_factory=dict, repr=False)
     _ar: dict = field(default_factory=dict, repr=False)
@@ -84,7 +86,12 @@ class World:
     def p(self, ctx: Sequence[int]) -> torch.Tensor:
         k = self.key(ctx)
         if k not in self._p:
-            self._p[k] = target_probs(self.d_logits[k], self.d_temp, self.d_top_k, 1.0)
+            if self.d_keep is None:
+                self._p[k] = target_probs(self.d_logits[k], self.d_temp, self.d_top_k, 1.0)
+            else:  # as ModelDrafter does with a trimmed head: softmax over the kept columns, scattered to ids
+                keep = torch.tensor(self.d_keep)
+                sub = target_probs(self.d_logits[k][keep], self.d_temp, self.d_top_k, 1.0)
+                self._p[k] = torch.zeros(self.V, dtype=torch.float64).index_copy_(0, keep, sub)
         return self._p[k]
 
     def ar_joint(self, ctx: Sequence[int], m: int) -> np.ndarray:
@@ -315,6 +322,20 @@ def test_chain_iid(V, depth):
     topo = TreeTopology.chain(depth)
     assert_lossless(w, topo, IID, A.AUTO)
     assert_lossless(w, topo, IID, A.AUTO, m=depth + 2)  # also past the bonus token
+
+
+@pytest.mark.parametrize("kind", [IID, WOR, DET])
+@pytest.mark.parametrize("name", ["chain2", "2x1", "2x2"])
+def test_vocab_trimmed_drafter_is_lossless(kind, name):
+    """VocabTrim (ALGORITHMS.md §6.3): a drafter that can only propose 3 of 5 tokens, the target's likely
+    tokens included or not, still yields exactly the target's joint under every child kind."""
+    topo = {"chain2": TreeTopology.chain(2), "2x1": TreeTopology.static([2, 1]),
+            "2x2": TreeTopology.static([2, 2])}[name]
+    for seed, keep in ((41, (0, 2, 4)), (42, (1, 2, 3))):
+        w = World(V=5, seed=seed, d_keep=keep)
+        assert float(w.p((1, 2))[[i for i in range(5) if i not in keep]].sum()) == 0.0
+        for rule in (A.AUTO, A.SAMPLE_MATCH):
+            assert_lossless(w, topo, kind, rule)
 
 
 def test_chain_acceptance_matches_closed_form():
