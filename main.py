@@ -49,27 +49,22 @@ def output_dir(spec: SpecConfig) -> Path:
 def run(cfg: Union[DictConfig, SpecConfig]) -> dict:
     """The whole pipeline for one config; returns the task's result dict (also written as result.json)."""
     from runtime.load import load
-    from runtime.tasks import run_bench, run_generate
+    from runtime.tasks import hydra_overrides, run_bench, run_generate
     from spec_compiler.plan import make_plan
     from spec_compiler.validate import validate
 
     spec = to_spec(cfg)
     if spec.task.kind is TaskKind.train:  # the inference groups play no part in training
         from training.train import run_train
-        return run_train(spec.train, command=" ".join(_overrides()))
+        return run_train(spec.train, command=" ".join(hydra_overrides()))
     plan = make_plan(validate(spec))
     rt = load(plan)
     out = output_dir(spec)
     task = run_bench if spec.task.kind is TaskKind.bench else run_generate
     result = task(rt, spec, out)
-    result["overrides"] = " ".join(_overrides())
+    result["overrides"] = " ".join(hydra_overrides())
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-def _overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _short_warning(message, category, filename, lineno, file=None, line=None):

@@ -179,7 +179,8 @@ def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
           f"{len(qs)} prompts, max_new_tokens={cfg.task.max_new_tokens}, "
           f"{'greedy' if rt.plan.greedy else f'temperature={rt.plan.temperature}'}; "
           f"outputs equal to the baseline: {equal}/{len(qs)}", "",
-          f"Machine: {env['machine']}; torch {env['torch']}; device {env['device']}", "",
+          f"Machine: {env['machine']}; torch {env['torch']}; device {env['device']}; {env['threads']} threads; "
+          f"command: `{env['command']}`", "",
           markdown_table(rows, cols), "", "## Per category", "",
           markdown_table(cats, [("category", "category")] + cols)]
     (out / "bench.md").write_text("\n".join(md) + "\n")
@@ -198,7 +199,14 @@ def _environment(rt: Runtime) -> dict:
 
     import torch
     return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "python": platform.python_version(), "torch": torch.__version__, "device": rt.plan.device}
+            "python": platform.python_version(), "torch": torch.__version__, "device": rt.plan.device,
+            "threads": torch.get_num_threads(), "command": " ".join(["python main.py"] + hydra_overrides())}
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of the current Hydra job ([] outside one, e.g. in tests)."""
+    from hydra.core.hydra_config import HydraConfig
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _plot(rows: list[dict], path: Path) -> None:
