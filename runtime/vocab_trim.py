@@ -17,13 +17,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from tqdm import tqdm
 
 from runtime.decode import decode
 from runtime.drafters import NoDrafter
+from runtime.models.checkpoint import sha256_file
 from spec_compiler.errors import CheckpointError, ConfigError
 from spec_compiler.plan import Plan, VocabTrimPlan
 from spec_compiler.validate import PROJECT_ROOT
@@ -33,14 +33,6 @@ ARTIFACT_DIR = PROJECT_ROOT / "artifacts" / "vocab_trim"
 WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def target_identity(plan: Plan) -> dict:
     """What the target's next-token choices depend on: its checkpoint files (or its random-weight recipe),
     dtype and the tokenizer file."""
@@ -48,19 +40,19 @@ def target_identity(plan: Plan) -> dict:
     ident: dict = {"source": t.source, "dtype": t.dtype}
     if t.checkpoint is not None:
         d = Path(t.checkpoint)
-        ident["files"] = {p.name: _sha256_file(p) for p in sorted(d.iterdir())
+        ident["files"] = {p.name: sha256_file(p) for p in sorted(d.iterdir())
                           if p.is_file() and p.suffix in WEIGHT_SUFFIXES}
     else:
         ident["arch"], ident["seed"] = [list(kv) for kv in t.arch], t.seed
     if plan.tokenizer is not None:
-        ident["tokenizer"] = _sha256_file(Path(plan.tokenizer))
+        ident["tokenizer"] = sha256_file(Path(plan.tokenizer))
     return ident
 
 
 def calibration_key(plan: Plan) -> tuple[str, dict]:
     vt = plan.vocab_trim
     meta = {"version": ARTIFACT_VERSION, "target": target_identity(plan),
-            "prompts_sha256": _sha256_file(Path(vt.prompts)), "num_prompts": vt.num_prompts,
+            "prompts_sha256": sha256_file(Path(vt.prompts)), "num_prompts": vt.num_prompts,
             "max_new_tokens": vt.max_new_tokens, "max_seq_len": plan.max_seq_len}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     return key, meta
@@ -68,15 +60,8 @@ def calibration_key(plan: Plan) -> tuple[str, dict]:
 
 def read_prompts(path: str, num: int) -> list[str]:
     """First turn of each question (Spec-Bench format), the first `num` (0 = all)."""
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line)["turns"][0])
-                except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-                    raise ConfigError("drafter.vocab_trim.prompts", f"{path}:{i}: not a Spec-Bench question "
-                                      f"({type(e).__name__}: {e})") from None
+    from runtime.tasks import read_question_file  # runtime.tasks imports the loader, which imports us
+    rows = [q.turns[0] for q in read_question_file(path, "drafter.vocab_trim.prompts")]
     return rows[:num] if num else rows
 
 
@@ -140,12 +125,12 @@ def token_ids(tokenizer, keep: tuple[str, ...]) -> list[int]:
     return out
 
 
-def resolve(plan: Plan, target, cache, tokenizer, eos_ids: tuple[int, ...], drafter_vocab: int,
-            artifact_dir: Optional[Path] = None) -> tuple[torch.Tensor, Path]:
+def resolve(plan: Plan, target, cache, tokenizer, eos_ids: tuple[int, ...],
+            drafter_vocab: int) -> tuple[torch.Tensor, Path]:
     """s2t for this plan's trimmed head, reading the calibration file or creating it; and its path."""
     vt: VocabTrimPlan = plan.vocab_trim
     key, meta = calibration_key(plan)
-    path = Path(vt.artifact) if vt.artifact is not None else (artifact_dir or ARTIFACT_DIR) / f"{key}.json"
+    path = Path(vt.artifact) if vt.artifact is not None else ARTIFACT_DIR / f"{key}.json"
     if path.is_file():
         counts = _read_artifact(path, key)
     else:

@@ -182,3 +182,13 @@ def test_size_at_least_the_vocabulary_warns_and_trims_nothing(compose, tmp_path)
     with pytest.warns(IneffectiveSettingWarning, match="drafter.vocab_trim.size"):
         plan = make_plan(validate(main.to_spec(compose(_overrides(tmp_path, size=257)))))
     assert plan.vocab_trim is None
+
+
+def test_malformed_calibration_prompts_name_the_key(compose, tmp_path):
+    from runtime.load import load
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text('{"turns": ["fine"]}\n{"no_turns": 1}\n')
+    plan = make_plan(validate(main.to_spec(compose(_overrides(tmp_path, prompts=str(bad))))))
+    with pytest.raises(ConfigError) as e:
+        load(plan)
+    assert e.value.where == "drafter.vocab_trim.prompts" and "calib.jsonl:2" in e.value.reason
