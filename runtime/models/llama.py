@@ -17,7 +17,9 @@ H query heads, Hkv key/value heads, D head dim, V vocab.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -170,8 +172,8 @@ class Attention(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
         self.H, self.Hkv, self.D = c.num_heads, c.num_kv_heads, c.head_dim
-        self.wqkv = nn.Linear(c.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=c.attention_bias)
-        self.wo = nn.Linear(self.H * self.D, c.hidden_size, bias=c.o_bias)
+        self.wqkv = Linear(c.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=c.attention_bias)
+        self.wo = Linear(self.H * self.D, c.hidden_size, bias=c.o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
                 start: int, mask: Tensor | None) -> Tensor:
@@ -190,21 +192,91 @@ def last_rows(x: Tensor, n: int | None) -> Tensor:
     return x if n is None else x[:, x.shape[1] - n:]
 
 
-class LMHead(nn.Linear):
-    """The vocabulary projection (an nn.Linear: same parameter names, tying and checkpoints).
+@functools.cache
+def fp16_weight_gemm():
+    """(pack, apply) for fbgemm's fp16-weight GEMM on CPU (fp16 weights, fp32 activations and accumulation),
+    or None where this torch build or CPU lacks fbgemm: pack(weight [N, K], bias [N] | None) -> packed,
+    apply(x [M, K], packed) -> [M, N] fp32.
 
-    Why not plain F.linear on CPU: for a few rows against a [V, E] weight, MKL's sgemm runs far below
-    memory bandwidth on the 2-core AMD EPYC CI box (V=16384, E=256, fp32, one thread: one row 2.7 ms via
-    F.linear vs 0.6 ms as a GEMV against the transposed weight; five rows 5.3 ms vs 2.4 ms as W @ h^T).
-    The head is the largest matmul of a small drafter or target, so fp32 CPU inference takes those two
-    forms (the transposed copy is cached and rebuilt whenever the weight changes). Training, other
-    dtypes and other devices use F.linear.
+    Why not plain F.linear: inference here is a few rows against each weight (one token, or one verify
+    tree), where MKL's sgemm is slow on the 2-core AMD EPYC CI box and every step streams the weights from
+    memory. fbgemm's fp16 kernels read half the bytes and are built for small M: the default 7.3 M target's
+    forward at 600 tokens of context took 4.6 ms (1 token) and 8-9 ms (5 tokens) with F.linear, 3.5 ms and
+    4.7 ms this way (torch 2.13 CPU, one thread). It is the kernel behind torch.ao's dynamic fp16 Linear.
+    """
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    return fbgemm_alias_gemm() or quantized_ops_gemm()
+
+
+def fbgemm_alias_gemm():
+    """Through `torch.fbgemm_*` (least call overhead), or None where this torch no longer has them. They
+    are deprecated aliases: their one-time warning is raised (and silenced) here."""
+    pack, lin = getattr(torch, "fbgemm_pack_gemm_matrix_fp16", None), getattr(torch, "fbgemm_linear_fp16_weight", None)
+    if pack is None or lin is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lin(torch.zeros(1, 1), pack(torch.zeros(1, 1)), torch.zeros(1))
+    return (lambda w, b: (pack(w), b if b is not None else torch.zeros(w.shape[0]))), lambda x, p: lin(x, *p)
+
+
+def quantized_ops_gemm():
+    """Through `torch.ops.quantized.linear_{prepack,dynamic}_fp16` (torch.ao's dynamic fp16 Linear)."""
+    ops = torch.ops.quantized
+    return (lambda w, b: ops.linear_prepack_fp16(w, b)), ops.linear_dynamic_fp16
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, tying and checkpoints) with a CPU inference path.
+
+    Under no_grad on CPU with fp32 activations, a weight (and bias) whose every value is exactly an fp16
+    number -- a checkpoint stored in fp16 and loaded as fp32, like the trained default pair -- runs through
+    fbgemm's fp16-weight GEMM (`fp16_weight_gemm`): the same linear map in fp32 arithmetic, summed in
+    another order. Any other weight, training, other dtypes and devices use F.linear. The packed copy is
+    rebuilt whenever the weight changes.
     """
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [..., in] -> [..., out]
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+            return super().forward(x)
+        packed = self._packed()
+        if packed is None:
+            return self._cpu_fp32(x)
+        out = fp16_weight_gemm()[1](x.reshape(-1, x.shape[-1]), packed)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _cpu_fp32(self, x: Tensor) -> Tensor:
+        return super().forward(x)
+
+    def _packed(self):
+        """The fp16-packed weight, or None (no fbgemm, or a value fp16 cannot hold exactly)."""
+        w, b = self.weight, self.bias
+        key = (w.data_ptr(), w._version, tuple(w.shape), None if b is None else (b.data_ptr(), b._version))
+        if self.__dict__.get("_packed_key") != key:
+            gemm = fp16_weight_gemm()
+            exact = w.dtype == torch.float32 and all(
+                t is None or torch.equal(t.detach().half().float(), t.detach()) for t in (w, b))
+            self.__dict__["_packed_w"] = (gemm[0](w.detach(), None if b is None else b.detach())
+                                          if gemm is not None and exact else None)
+            self.__dict__["_packed_key"] = key
+        return self.__dict__["_packed_w"]
+
+
+class LMHead(Linear):
+    """The vocabulary projection (a Linear: same parameter names, tying and checkpoints).
+
+    For an fp32 weight that fp16 cannot hold (no fbgemm path), CPU inference still avoids F.linear: for a
+    few rows against a [V, E] weight, MKL's sgemm runs far below memory bandwidth on the CI box (V=16384,
+    E=256, fp32, one thread: one row 2.7 ms via F.linear vs 0.6 ms as a GEMV against the transposed weight;
+    five rows 5.3 ms vs 2.4 ms as W @ h^T). The head is the largest matmul of a small drafter or target.
+    """
+
+    def _cpu_fp32(self, h: Tensor) -> Tensor:
         # h: [..., E] -> [..., V]
-        if h.device.type != "cpu" or h.dtype != torch.float32 or self.bias is not None or torch.is_grad_enabled():
-            return super().forward(h)
+        if self.bias is not None:
+            return F.linear(h, self.weight, self.bias)
         rows = h.reshape(-1, h.shape[-1])  # [m, E]
         out = rows @ self._transposed() if rows.shape[0] == 1 else (self.weight @ rows.t()).t()  # [m, V]
         return out.view(*h.shape[:-1], out.shape[-1])
@@ -238,9 +310,9 @@ def trim_lm_head(model: nn.Module, ids: Tensor) -> None:
 class FeedForward(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
-        self.w1 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)  # down
+        self.w1 = Linear(c.hidden_size, c.intermediate_size, bias=False)  # gate
+        self.w3 = Linear(c.hidden_size, c.intermediate_size, bias=False)  # up
+        self.w2 = Linear(c.intermediate_size, c.hidden_size, bias=False)  # down
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -289,14 +361,23 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache | None = None, start: int = 0,
                 attn_mask: Tensor | None = None, num_logits: int | None = None) -> Tensor:
         """Logits for a block of T new tokens (for its last `num_logits` tokens only, when given: a prefill
-        needs none, a drafter's catch-up one).
+        needs none, a drafter's catch-up one): `logits(hidden(...))`."""
+        return self.logits(self.hidden(input_ids, position_ids, cache, start, attn_mask, num_logits))
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Final hidden states [..., hidden] -> fp32 logits [..., V]."""
+        return self.output(h).float()
+
+    def hidden(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache | None = None, start: int = 0,
+               attn_mask: Tensor | None = None, num_rows: int | None = None) -> Tensor:
+        """Final (normed) hidden states of a block of T new tokens, for its last `num_rows` only when given.
 
         With a `cache`, the block's keys and values are written to slots start..start+T-1 and it attends
         to slots 0..S-1 (default mask: the whole prefix plus causal within the block). With `cache=None`
         (training) nothing is stored, `start` must be 0 and the block attends causally to itself
         (or per `attn_mask`, [T, T]); this path is differentiable.
         """
-        # input_ids, position_ids: [B, T]; attn_mask: [T, S] bool, True = may attend -> [B, T or num_logits, V] fp32
+        # input_ids, position_ids: [B, T]; attn_mask: [T, S] bool, True = may attend -> [B, T or num_rows, hidden]
         B, T = input_ids.shape
         S = start + T
         if cache is None:
@@ -315,7 +396,7 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = (None, None) if cache is None else (cache.k[i], cache.v[i])
             x = layer(x, cos, sin, k_cache, v_cache, start, attn_mask)
-        return self.output(self.norm(last_rows(x, num_logits))).float()
+        return self.norm(last_rows(x, num_rows))
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codegen.ssm_tree_scan import ssm_tree_scan, ssm_tree_scan_ref
-from runtime.models.llama import KVCache, LMHead, cached_attention, last_rows, rotate_half
+from runtime.models.llama import KVCache, Linear, LMHead, cached_attention, last_rows, rotate_half
 from runtime.models.ssm_cache import ForwardPlan, SSMCache
 
 DEFAULT_NUM_SCRATCH = 64
@@ -262,14 +262,14 @@ class Mamba2Mixer(nn.Module):
         self.c = c
         self.use_triton = use_triton
         H = c.nheads
-        self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + H, bias=c.bias)
+        self.in_proj = Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + H, bias=c.bias)
         self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=c.conv_bias)
         self.dt_bias = nn.Parameter(torch.zeros(H))
         self.A_log = nn.Parameter(torch.zeros(H))
         self.D = nn.Parameter(torch.ones(c.d_inner if c.D_has_hdim else H))
         if c.rmsnorm:
             self.norm = RMSNorm(c.d_inner, c.gated_norm_epsilon, group_size=c.d_inner // c.ngroups)
-        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+        self.out_proj = Linear(c.d_inner, c.d_model, bias=c.bias)
 
     def forward(self, u: Tensor, cache: SSMCache | None, layer: int, plan: ForwardPlan | None) -> Tensor:
         # u: [b, T, E] -> [b, T, E]; cache=None: a causal block from a zero state (training), nothing stored
@@ -326,8 +326,8 @@ class MHA(nn.Module):
         super().__init__()
         self.H, self.Hkv, self.D = c.attn_num_heads, c.attn_num_heads_kv, c.attn_head_dim
         self.rd, self.scale = c.attn_rotary_dim, c.attn_softmax_scale
-        self.in_proj = nn.Linear(c.d_model, (self.H + 2 * self.Hkv) * self.D, bias=c.attn_qkv_bias)
-        self.out_proj = nn.Linear(self.H * self.D, c.d_model, bias=c.attn_out_bias)
+        self.in_proj = Linear(c.d_model, (self.H + 2 * self.Hkv) * self.D, bias=c.attn_qkv_bias)
+        self.out_proj = Linear(self.H * self.D, c.d_model, bias=c.attn_out_bias)
 
     def _rope(self, t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         r = t[..., :self.rd]
@@ -351,8 +351,8 @@ class GatedMLP(nn.Module):
 
     def __init__(self, c: Mamba2Config):
         super().__init__()
-        self.fc1 = nn.Linear(c.d_model, 2 * c.d_intermediate, bias=False)
-        self.fc2 = nn.Linear(c.d_intermediate, c.d_model, bias=False)
+        self.fc1 = Linear(c.d_model, 2 * c.d_intermediate, bias=False)
+        self.fc2 = Linear(c.d_intermediate, c.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         y, gate = self.fc1(x).chunk(2, dim=-1)
@@ -406,13 +406,22 @@ class Mamba2LMModel(nn.Module):
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache: SSMCache | None = None, start: int = 0,
                 attn_mask: Tensor | None = None, num_logits: int | None = None) -> Tensor:
         """Logits for a block of T new tokens at slots [start, start + T) (see the module docstring); for its
-        last `num_logits` tokens only when given.
+        last `num_logits` tokens only when given: `logits(hidden(...))`."""
+        return self.logits(self.hidden(input_ids, position_ids, cache, start, attn_mask, num_logits))
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Final hidden states [..., E] -> fp32 logits [..., V]."""
+        return self.lm_head(h).float()
+
+    def hidden(self, input_ids: Tensor, position_ids: Tensor, cache: SSMCache | None = None, start: int = 0,
+               attn_mask: Tensor | None = None, num_rows: int | None = None) -> Tensor:
+        """Final (normed) hidden states of a block of T new tokens, for its last `num_rows` only when given.
 
         With `cache=None` (training) `start` must be 0 and `attn_mask` None: the block is a causal text
         from an empty prefix (zero SSM state and conv window; attention causal within the block), nothing
         is stored, and the path is differentiable. It equals a cached prefill of the same block.
         """
-        # input_ids, position_ids: [b, T]; attn_mask: [T, S] bool, True = ancestor-or-self -> [b, T, V] fp32
+        # input_ids, position_ids: [b, T]; attn_mask: [T, S] bool, True = ancestor-or-self -> [b, T or num_rows, E]
         c = self.config
         b, T = input_ids.shape
         S = start + T
@@ -456,7 +465,7 @@ class Mamba2LMModel(nn.Module):
                 x = x + blk.mlp(blk.norm2(x.to(dtype)))
         if cache is not None:
             cache.finish(plan)
-        return self.lm_head(self.backbone.norm_f(last_rows(x, num_logits).to(dtype))).float()
+        return self.backbone.norm_f(last_rows(x, num_rows).to(dtype))
 
 
 @torch.no_grad()
