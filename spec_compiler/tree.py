@@ -117,7 +117,7 @@ class TreeTopology:
 
     def position_ids(self, offset: int, device=None) -> torch.Tensor:
         """[n] long: offset + depth (offset = tokens already in the target's cache)."""
-        return torch.tensor(self.depth, dtype=torch.long, device=device) + offset
+        return torch.tensor(self.depth, dtype=torch.long, device=device).add_(offset)
 
     def attention_mask(self, prefix_len: int, device=None) -> torch.Tensor:
         """[n, prefix_len + n] bool: every node sees the whole prefix and its own ancestors."""
@@ -129,6 +129,8 @@ class TreeTopology:
     def select(self, nodes: Sequence[int]) -> "TreeTopology":
         """The sub-tree on `nodes` (ascending, contains 0, closed under parent), renumbered 0..m-1."""
         nodes = sorted(set(int(x) for x in nodes))
+        if len(nodes) == self.n and nodes[-1] == self.n - 1:
+            return self  # the whole tree: keep this object and what it has cached
         if not nodes or nodes[0] != 0 or nodes[-1] >= self.n:
             raise ValueError(f"select() needs the root and ids in [0, {self.n}), got {nodes[:8]}")
         index = {old: new for new, old in enumerate(nodes)}
@@ -137,8 +139,12 @@ class TreeTopology:
         return TreeTopology(tuple(-1 if x == 0 else index[self.parents[x]] for x in nodes))
 
     def truncate(self, max_depth: int) -> "TreeTopology":
-        """Keep nodes with depth <= max_depth (a prefix of the ids when level ordered)."""
-        return self.select([i for i in range(self.n) if self.depth[i] <= max_depth])
+        """Keep nodes with depth <= max_depth (a prefix of the ids when level ordered); computed once per
+        depth (the last steps of every request ask again)."""
+        cache = self.__dict__.setdefault("_truncated", {})
+        if max_depth not in cache:
+            cache[max_depth] = self.select([i for i in range(self.n) if self.depth[i] <= max_depth])
+        return cache[max_depth]
 
 
 @dataclass

@@ -128,6 +128,14 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_
     return y.transpose(1, 2).reshape(B, T, H * D)
 
 
+def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A bool attention mask (True = may attend) as SDPA's additive form (0 / -inf), made once per forward
+    rather than by SDPA in every layer; SDPA's result is bitwise the same."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class KVCache:
     """Keys and values for every layer, allocated once and written by slot index."""
 
@@ -163,9 +171,24 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # normalise in fp32, cast back, then scale (HF Llama's order); in fp32 that is one op with the weight
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        w = self._parameters["weight"]
+        if x.dtype == torch.float32 and w.dtype == torch.float32:
+            if not torch.is_grad_enabled() and x.device.type == "cpu":
+                return self._cpu_inference(x, w)
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+    def _cpu_inference(self, x: Tensor, w: Tensor) -> Tensor:
+        """RMSNorm(x) * w as LayerNorm([x, -x]) * [w, w], first half: [x, -x] has mean 0 and variance
+        mean(x^2), so this is the same map to fp32 rounding. Why: on CPU F.rms_norm is a composite of
+        about six dispatched ops (~36 us for one 128-wide row on the CI box) and layer_norm one native
+        kernel (~9 us with the cat), and decoding runs 2 * layers + 1 norms per token."""
+        E = x.shape[-1]
+        key = (w.data_ptr(), w._version)
+        d = self.__dict__
+        if d.get("_w2_key") != key:
+            d["_w2"], d["_w2_key"] = torch.cat((w.detach(), w.detach())), key
+        return F.layer_norm(torch.cat((x, -x), dim=-1), (2 * E,), d["_w2"], None, self.eps)[..., :E]
 
 
 class Attention(nn.Module):
@@ -239,12 +262,12 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [..., in] -> [..., out]
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
             return super().forward(x)
         packed = self._packed()
         if packed is None:
             return self._cpu_fp32(x)
-        out = fp16_weight_gemm()[1](x.reshape(-1, x.shape[-1]), packed)
+        out = self.__dict__["_apply_packed"](x.reshape(-1, x.shape[-1]), packed)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _cpu_fp32(self, x: Tensor) -> Tensor:
@@ -252,16 +275,18 @@ class Linear(nn.Linear):
 
     def _packed(self):
         """The fp16-packed weight, or None (no fbgemm, or a value fp16 cannot hold exactly)."""
-        w, b = self.weight, self.bias
-        key = (w.data_ptr(), w._version, tuple(w.shape), None if b is None else (b.data_ptr(), b._version))
-        if self.__dict__.get("_packed_key") != key:
+        params = self._parameters  # (this runs for every projection of every token: no nn.Module __getattr__)
+        w, b = params["weight"], params["bias"]
+        key = (w.data_ptr(), w._version) if b is None else (w.data_ptr(), w._version, b.data_ptr(), b._version)
+        d = self.__dict__
+        if d.get("_packed_key") != key:
             gemm = fp16_weight_gemm()
             exact = w.dtype == torch.float32 and all(
                 t is None or torch.equal(t.detach().half().float(), t.detach()) for t in (w, b))
-            self.__dict__["_packed_w"] = (gemm[0](w.detach(), None if b is None else b.detach())
-                                          if gemm is not None and exact else None)
-            self.__dict__["_packed_key"] = key
-        return self.__dict__["_packed_w"]
+            d["_packed_w"] = gemm[0](w.detach(), None if b is None else b.detach()) if gemm and exact else None
+            d["_apply_packed"] = gemm[1] if gemm else None
+            d["_packed_key"] = key
+        return d["_packed_w"]
 
 
 class LMHead(Linear):
@@ -393,9 +418,10 @@ class LlamaModel(nn.Module):
         freqs = position_ids.float()[..., None] * self.inv_freq  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask = additive_mask(attn_mask, x.dtype)
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = (None, None) if cache is None else (cache.k[i], cache.v[i])
-            x = layer(x, cos, sin, k_cache, v_cache, start, attn_mask)
+            x = layer(x, cos, sin, k_cache, v_cache, start, mask)
         return self.norm(last_rows(x, num_rows))
 
 

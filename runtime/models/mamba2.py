@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codegen.ssm_tree_scan import ssm_tree_scan, ssm_tree_scan_ref
-from runtime.models.llama import KVCache, Linear, LMHead, cached_attention, last_rows, rotate_half
+from runtime.models.llama import KVCache, Linear, LMHead, additive_mask, cached_attention, last_rows, rotate_half
 from runtime.models.ssm_cache import ForwardPlan, SSMCache
 
 DEFAULT_NUM_SCRATCH = 64
@@ -450,12 +450,13 @@ class Mamba2LMModel(nn.Module):
                 freqs = position_ids.to(cdt)[..., None] * inv_freq  # [b, T, rd/2]
                 emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [b, 1, T, rd]
                 cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        attn_add = additive_mask(attn_mask, dtype) if c.is_hybrid else None  # the SSM plan keeps the bool mask
         ssm_i = attn_i = 0
         for blk in self.backbone.layers:
             h = blk.norm(x.to(dtype))
             if isinstance(blk.mixer, MHA):
                 kv = (None, None) if cache is None else (cache.kv.k[attn_i], cache.kv.v[attn_i])
-                h = blk.mixer(h, cos, sin, *kv, start, attn_mask)
+                h = blk.mixer(h, cos, sin, *kv, start, attn_add)
                 attn_i += 1
             else:
                 h = blk.mixer(h, cache, ssm_i, plan)

@@ -1,6 +1,7 @@
-"""The CPU inference paths of `Linear` / `LMHead` (runtime.models.llama): fbgemm's fp16-weight GEMM for
-weights fp16 holds exactly, the transposed-GEMV head otherwise, F.linear whenever autograd records; and
-greedy speculative == autoregressive decoding through the fp16 path (the trained default takes it)."""
+"""The CPU inference paths of runtime.models.llama: `Linear` / `LMHead` take fbgemm's fp16-weight GEMM for
+weights fp16 holds exactly, the transposed-GEMV head otherwise, F.linear whenever autograd records;
+`RMSNorm` takes the LayerNorm identity. Greedy speculative == autoregressive decoding through them (the
+trained default takes every one)."""
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 from runtime.decode import decode
 from runtime.drafters import ModelDrafter, NoDrafter
 from runtime.models import mamba2
-from runtime.models.llama import (Linear, LlamaConfig, LMHead, fbgemm_alias_gemm, fp16_weight_gemm, init_random,
-                                  perturbed_copy, quantized_ops_gemm)
+from runtime.models.llama import (Linear, LlamaConfig, LMHead, RMSNorm, fbgemm_alias_gemm, fp16_weight_gemm,
+                                  init_random, perturbed_copy, quantized_ops_gemm)
 from runtime.sampling import ChildKind
 from spec_compiler.tree import TreeTopology
 
@@ -138,3 +139,20 @@ def test_mamba2_fp16_exact_logits_match_fp32_path():
     with torch.no_grad(), torch.enable_grad():  # autograd on: every Linear takes F.linear
         slow = model(ids, pos, model.new_cache(1, 32), 0)
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 128), (2, 7, 256), (5, 48)])
+def test_rmsnorm_inference_path_equals_rms_norm(shape):
+    norm = RMSNorm(shape[-1], 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(shape[-1]))
+    x = torch.randn(*shape) * 3
+    want = F.rms_norm(x, (shape[-1],), norm.weight, 1e-5)
+    with torch.inference_mode():
+        got = norm(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    with torch.no_grad():
+        norm.weight.mul_(2.0)  # the cached doubled weight follows the parameter
+        torch.testing.assert_close(norm(x), 2 * want, rtol=2e-6, atol=4e-6)
+    assert torch.equal(norm(x), F.rms_norm(x, (shape[-1],), norm.weight, 1e-5))  # autograd on: the op itself
