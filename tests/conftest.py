@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 
 # Group choices for tests unless a test picks its own (the shipped default is the trained pair).
-TEST_GROUPS = {"target": "tiny_random", "drafter": "noisy_copy", "task": "generate"}
+TEST_GROUPS = {"target": "tiny_random", "drafter": "noisy_copy", "task": "generate", "tree": "chain"}
 
 # Applied after composition unless the test overrides the same key itself.
 CPU_SHRINK = {"task.max_new_tokens": 8, "target.max_seq_len": 128, "task.warmup": 0}

@@ -295,3 +295,13 @@ def test_ineffective_settings_warn(compose, overrides, match):
 def test_default_config_validates_without_warnings(compose, recwarn):
     plan_of(compose([]))
     assert not [w for w in recwarn if issubclass(w.category, IneffectiveSettingWarning)]
+
+
+def test_shipped_default_is_the_trained_pair_with_a_top3_tree(recwarn):
+    """`python main.py` with no overrides: the trained pair, VocabTrim, and the depth-1 tree of 3 siblings."""
+    from tests.conftest import compose_config
+    plan = plan_of(compose_config([], shrink=False))
+    assert plan.tree_policy == "static" and plan.tree_parents == (-1, 0, 0, 0)
+    assert plan.target.source == "checkpoint" and plan.drafter_kind == "model" and plan.vocab_trim is not None
+    assert plan.greedy
+    assert not [w for w in recwarn if issubclass(w.category, IneffectiveSettingWarning)]
