@@ -274,14 +274,15 @@ class Linear(nn.Linear):
         packed = self._packed()
         if packed is None:
             return self._cpu_fp32(x)
-        out = self.__dict__["_apply_packed"](x.reshape(-1, x.shape[-1]), packed)
+        weights, apply = packed
+        out = apply(x.reshape(-1, x.shape[-1]), weights)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _cpu_fp32(self, x: Tensor) -> Tensor:
         return super().forward(x)
 
     def _packed(self):
-        """The fp16-packed weight, or None (no fbgemm, or a value fp16 cannot hold exactly)."""
+        """(fp16-packed weight, apply), or None (no fbgemm, or a value fp16 cannot hold exactly)."""
         params = self._parameters  # (this runs for every projection of every token: no nn.Module __getattr__)
         w, b = params["weight"], params["bias"]
 
@@ -289,8 +290,7 @@ class Linear(nn.Linear):
             gemm = fp16_weight_gemm()
             exact = w.dtype == torch.float32 and all(
                 t is None or torch.equal(t.detach().half().float(), t.detach()) for t in (w, b))
-            self.__dict__["_apply_packed"] = gemm[1] if gemm else None
-            return gemm[0](w.detach(), None if b is None else b.detach()) if gemm and exact else None
+            return (gemm[0](w.detach(), None if b is None else b.detach()), gemm[1]) if gemm and exact else None
         return cached_derived(self, "_packed_w", (w, b), pack)
 
 
