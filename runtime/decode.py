@@ -109,7 +109,7 @@ def decode(target: LlamaModel, cache: KVCache, drafter, prompt_ids: list[int], *
             path, y = verify_sampling(tree, target_probs(logits, *temp), sampling.acceptance, verify_gen)
         t2 = time.perf_counter()
         if len(path) > 1:  # keep the accepted path's KV contiguous after the prefix
-            cache.compact(torch.tensor(path, device=device) + L, L)
+            cache.compact(torch.tensor(path) + L, L)
         L += len(path)
         new = [tree.tokens[i] for i in path[1:]] + [y]
         stop = next((i for i, x in enumerate(new) if x in eos), None)

@@ -19,6 +19,7 @@ the tree with them, and the exact-enumeration tests enumerate over them.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Sequence
 
 import torch
@@ -71,8 +72,7 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p
     if temperature <= 0:
         raise ValueError("target_probs needs temperature > 0; greedy uses argmax")
     x = logits.to(torch.float64)
-    if not torch.isfinite(x).all():
-        raise NumericsError("logits", "non-finite target logits (NaN or Inf)")
+    check_finite(x)
     x = x / temperature
     if top_k and top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
@@ -90,7 +90,10 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p
 
 
 def check_finite(logits: torch.Tensor) -> None:
-    if not torch.isfinite(logits).all():
+    """Raise NumericsError if any value is NaN or +-Inf. One min/max pass (NaN propagates into both): on
+    CPU an order of magnitude cheaper than isfinite().all() over a [n, V] block, and every step runs it."""
+    lo, hi = torch.aminmax(logits)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise NumericsError("logits", "non-finite target logits (NaN or Inf)")
 
 

@@ -162,11 +162,15 @@ class KVCache:
     def compact(self, src_slots: Tensor, dst_start: int) -> None:
         """Move slots `src_slots` (ascending, all >= dst_start) to dst_start, dst_start+1, ..."""
         # src_slots: [m]
-        m = src_slots.numel()
-        src_slots = src_slots.to(self.k.device)
+        src = src_slots.tolist()
+        first = next((i for i, s in enumerate(src) if s != dst_start + i), len(src))
+        if first == len(src):
+            return  # already in place (a chain's accepted path, or a path through every first child)
+        src_slots = src_slots[first:].to(self.k.device)
+        lo, hi = dst_start + first, dst_start + len(src)
         # Indexing gathers into a new tensor first, so overlapping source and target are safe.
-        self.k[:, :, :, dst_start:dst_start + m] = self.k[:, :, :, src_slots]
-        self.v[:, :, :, dst_start:dst_start + m] = self.v[:, :, :, src_slots]
+        self.k[:, :, :, lo:hi] = self.k[:, :, :, src_slots]
+        self.v[:, :, :, lo:hi] = self.v[:, :, :, src_slots]
 
     def reset(self) -> None:
         self.k.zero_()
