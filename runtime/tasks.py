@@ -155,14 +155,15 @@ def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
     per: dict[str, list[DecodeResult]] = {k: [] for k in methods}
     per_cat: dict[str, dict[str, list[DecodeResult]]] = {}
     equal = 0
-    for q in qs:  # interleave methods per prompt so machine noise hits both alike
+    for q in qs:  # interleave methods per prompt (and per repeat) so machine noise hits both alike
         outs = {}
-        for name, m in methods.items():
-            texts, rs = answer(m, q, cfg.task.max_new_tokens, cfg.sampling.seed)
-            per[name] += rs
-            per_cat.setdefault(q.category, {}).setdefault(name, []).extend(rs)
-            outs[name] = [r.output_ids for r in rs]
-        equal += len(set(json.dumps(o) for o in outs.values())) == 1
+        for _ in range(cfg.task.repeats):
+            for name, m in methods.items():
+                texts, rs = answer(m, q, cfg.task.max_new_tokens, cfg.sampling.seed)
+                per[name] += rs
+                per_cat.setdefault(q.category, {}).setdefault(name, []).extend(rs)
+                outs.setdefault(name, set()).add(json.dumps([r.output_ids for r in rs]))
+        equal += len(set.union(*outs.values())) == 1  # every run of every method gave the same tokens
     rows = [{"method": k, **summarize(v)} for k, v in per.items()]
     base = rows[0]["tokens_per_s"]
     for r in rows:
@@ -176,13 +177,14 @@ def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
         cats += crow
     env = _environment(rt)
     report = {"plan": rt.plan.to_dict(), "plan_hash": rt.plan.plan_hash(), "environment": env,
-              "num_prompts": len(qs), "max_new_tokens": cfg.task.max_new_tokens,
+              "num_prompts": len(qs), "repeats": cfg.task.repeats, "max_new_tokens": cfg.task.max_new_tokens,
               "greedy": rt.plan.greedy, "outputs_equal_to_baseline": f"{equal}/{len(qs)}",
               "methods": rows, "per_category": cats}
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     cols = SUMMARY_COLS[:5] + [("speedup", "speedup")] + SUMMARY_COLS[5:]
     md = [f"# bench: {rt.plan.name}", "",
-          f"{len(qs)} prompts, max_new_tokens={cfg.task.max_new_tokens}, "
+          f"{len(qs)} prompts{f' x {cfg.task.repeats} runs' if cfg.task.repeats > 1 else ''}, "
+          f"max_new_tokens={cfg.task.max_new_tokens}, "
           f"{'greedy' if rt.plan.greedy else f'temperature={rt.plan.temperature}'}; "
           f"outputs equal to the baseline: {equal}/{len(qs)}", "",
           f"Machine: {env['machine']}; torch {env['torch']}; device {env['device']}; {env['threads']} threads; "

@@ -304,6 +304,8 @@ class TaskConfig:
     """Where answers / bench files go (relative to Hydra's run directory)."""
     warmup: int = 1
     """bench: untimed warm-up generations before timing."""
+    repeats: int = 1
+    """bench: timed runs of every prompt per method (interleaved); speeds are averaged over all of them."""
     default_prompts: Optional[str] = None
     """Spec-Bench-format prompt file used when neither `prompt` nor `prompts` is set (None = one built-in prompt)."""
 
@@ -314,6 +316,8 @@ class TaskConfig:
             raise ConfigError("task.num_prompts", "must be -1 (all) or >= 1", self.num_prompts)
         if self.warmup < 0:
             raise ConfigError("task.warmup", "must be >= 0", self.warmup)
+        if self.repeats < 1:
+            raise ConfigError("task.repeats", "must be >= 1", self.repeats)
 
 
 @dataclass

@@ -103,6 +103,21 @@ def test_run_bench_greedy_matches_baseline(compose, tmp_path, prompts, tree):
     assert [m["method"] for m in report["methods"]] == ["autoregressive", report["plan"]["name"]]
 
 
+def test_bench_repeats_time_every_prompt_several_times(compose, tmp_path, prompts):
+    """task.repeats: each method decodes each prompt that many times (interleaved); tau is unchanged."""
+    reports = []
+    for repeats in (1, 3):
+        out = tmp_path / f"r{repeats}"
+        main.run(compose(["task=bench", f"prompts={prompts}", "task.num_prompts=1", "task.max_new_tokens=16",
+                          f"task.repeats={repeats}", f"task.output_dir={out}"]))
+        reports.append(json.loads((out / "bench.json").read_text()))
+        assert f"x {repeats} runs" in (out / "bench.md").read_text() or repeats == 1
+    one, three = reports
+    assert three["repeats"] == 3 and three["outputs_equal_to_baseline"] == "1/1"
+    for a, b in zip(one["methods"], three["methods"]):
+        assert b["new_tokens"] == 3 * a["new_tokens"] and b["steps"] == 3 * a["steps"] and b["tau"] == a["tau"]
+
+
 def test_seeded_sampling_is_deterministic(compose, tmp_path, prompts):
     def output_ids(seed, run):
         out = tmp_path / f"run{run}"

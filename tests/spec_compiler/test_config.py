@@ -140,6 +140,7 @@ CONFIG_ERRORS = {  # id: (overrides, expected `where`); {ckpt} is the tiny check
                     "drafter.prompt_lookup.min_ngram"),
     "max_new_tokens=0": (["task.max_new_tokens=0"], "task.max_new_tokens"),
     "num_prompts=0": (["task.num_prompts=0"], "task.num_prompts"),
+    "repeats=0": (["task.repeats=0"], "task.repeats"),
     "tree-over-half-context": (["tree=static", "target.max_seq_len=64"], "tree"),
     "max_seq_len<2": (["drafter=none", "tree.k=0", "target.max_seq_len=1"], "target.max_seq_len"),
     "max_seq_len-over-checkpoint": (["target=hf", "target.model.checkpoint={ckpt}", "target.max_seq_len=4096"],
