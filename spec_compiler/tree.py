@@ -129,7 +129,7 @@ class TreeTopology:
     def select(self, nodes: Sequence[int]) -> "TreeTopology":
         """The sub-tree on `nodes` (ascending, contains 0, closed under parent), renumbered 0..m-1."""
         nodes = sorted(set(int(x) for x in nodes))
-        if len(nodes) == self.n and nodes[-1] == self.n - 1:
+        if len(nodes) == self.n and nodes[0] == 0 and nodes[-1] == self.n - 1:
             return self  # the whole tree: keep this object and what it has cached
         if not nodes or nodes[0] != 0 or nodes[-1] >= self.n:
             raise ValueError(f"select() needs the root and ids in [0, {self.n}), got {nodes[:8]}")

@@ -130,8 +130,9 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_
 
 def cached_derived(owner: nn.Module, name: str, sources: tuple[Tensor | None, ...], make):
     """make(), kept on `owner` under `name` and rebuilt whenever a source tensor is replaced or changed in
-    place (keyed by data pointer and version counter): packed and reshaped copies of weights."""
-    key = tuple((t.data_ptr(), t._version) for t in sources if t is not None)
+    place (keyed by data pointer and version counter): packed and reshaped copies of weights. A tensor
+    made under inference_mode has no version counter: only its replacement is seen."""
+    key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in sources if t is not None)
     hit = owner.__dict__.get(name)
     if hit is None or hit[0] != key:
         hit = owner.__dict__[name] = (key, make())

@@ -156,3 +156,16 @@ def test_rmsnorm_inference_path_equals_rms_norm(shape):
         norm.weight.mul_(2.0)  # the cached doubled weight follows the parameter
         torch.testing.assert_close(norm(x), 2 * want, rtol=2e-6, atol=4e-6)
     assert torch.equal(norm(x), F.rms_norm(x, (shape[-1],), norm.weight, 1e-5))  # autograd on: the op itself
+
+
+def test_modules_built_under_inference_mode_run():
+    """Weights that are inference tensors (a model built inside inference_mode) have no version counter;
+    the cached packed / doubled copies still work, and empty blocks pass through."""
+    with torch.inference_mode():
+        lin, head = make_linear(Linear, 16, 24, True, exact=True), make_linear(LMHead, 16, 40, False, exact=False)
+        norm = RMSNorm(16, 1e-5)
+        x = torch.randn(2, 3, 16)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head(x), F.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(norm(x), F.rms_norm(x, (16,), norm.weight, 1e-5), rtol=2e-6, atol=2e-6)
+        assert lin(x[:, :0]).shape == (2, 0, 24) and norm(x[:, :0]).shape == (2, 0, 16)
