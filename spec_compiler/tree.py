@@ -10,11 +10,29 @@ range of node ids; drafters fill a level in one forward.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
 
 import torch
+
+
+class Provenance(enum.IntEnum):
+    """How a tree node was made; the verifier derives the node's proposal from it (ALGORITHMS.md §0.3)."""
+
+    root = 0
+    """Node 0: the last committed token (never verified)."""
+    topk = 1
+    """A deterministic pick (the drafter's top-b, a static tree, an n-gram continuation): proposal δ(x)."""
+    iid = 2
+    """Sampled with replacement from the parent's draft distribution p: proposal p."""
+    wor = 3
+    """Sampled without replacement (Gumbel-top-k) from p: p minus the earlier WOR siblings, renormalised."""
+    retrieved = 4
+    """Copied from a retrieval source (prompt lookup, a datastore): proposal δ(x)."""
+    pad = 5
+    """Padding up to a size bucket: never accepted."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,11 @@ class TreeTopology:
     def chain(k: int) -> "TreeTopology":
         """Root plus k draft tokens in a line."""
         return TreeTopology(tuple(range(-1, k)))
+
+    @staticmethod
+    def root_only() -> "TreeTopology":
+        """The one-node tree (an autoregressive step); one shared object."""
+        return _ROOT_ONLY
 
     @staticmethod
     def static(branching: Sequence[int]) -> "TreeTopology":
@@ -103,13 +126,13 @@ class TreeTopology:
         return tuple(self.path(leaf) for leaf in self.leaves)
 
     @cached_property
-    def _ancestor_rows(self) -> tuple[tuple[bool, ...], ...]:
+    def ancestor_rows(self) -> tuple[tuple[bool, ...], ...]:
         return tuple(tuple(j in set(self.path(i)) for j in range(self.n)) for i in range(self.n))
 
     def ancestor_mask(self, device=None) -> torch.Tensor:
         """[n, n] bool: M[i, j] iff j is on the root->i path (ancestor-or-self). A fresh tensor per call
         (built from rows computed once per topology: decoding asks for it every step)."""
-        return torch.tensor(self._ancestor_rows, dtype=torch.bool, device=device)
+        return torch.tensor(self.ancestor_rows, dtype=torch.bool, device=device)
 
     def bitsets(self) -> tuple[int, ...]:
         """Per-row ancestor-or-self bitsets (bit j set iff j is on root->i); kernels use 64-bit words."""
@@ -171,3 +194,6 @@ class DraftTree:
     @property
     def n(self) -> int:
         return self.topology.n
+
+
+_ROOT_ONLY = TreeTopology((-1,))

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runtime.batch import Block
+
 FAMILIES = ("llama", "qwen2", "mistral")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -104,24 +106,29 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None, start: int,
-                     mask: Tensor | None, scale: float | None = None) -> Tensor:
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
+                     block: Block | None, mask: Tensor | None, scale: float | None = None) -> Tensor:
     """Grouped-query attention of a block of T new tokens; writes their keys/values into the cache first.
 
     q: [B, H, T, D]; k, v: [B, Hkv, T, D] (the block's own); k_cache, v_cache: [B, Hkv, C, D], or None for
-    training (the block attends causally to itself, or per `mask`, and nothing is stored); mask: [T, S]
-    bool, True = may attend (None with a cache: every new token sees slots 0..start+T-1). -> [B, T, H*D].
-    SDPA's enable_gqa reads each KV head in place for its H/Hkv query heads (bitwise equal to repeating
-    the KV heads, without copying the cache every call).
+    training (the block attends causally to itself and nothing is stored); block: where the tokens go
+    (`Block.slots`) and the window S they attend over; mask: [B, 1, T, S] additive (0 / -inf), made once
+    per forward from `block.mask`. -> [B, T, H*D]. SDPA's enable_gqa reads each KV head in place for its
+    H/Hkv query heads (bitwise equal to repeating the KV heads, without copying the cache every call).
     """
     B, H, T, D = q.shape
     if k_cache is None:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                            enable_gqa=True)
     else:
-        k_cache[:, :, start:start + T] = k
-        v_cache[:, :, start:start + T] = v
-        k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # [B, Hkv, S, D] views of the cache
+        if block.start is not None:  # every row writes slots start..start+T-1: a plain slice
+            k_cache[:, :, block.start:block.start + T] = k
+            v_cache[:, :, block.start:block.start + T] = v
+        else:  # written by index: [B, Hkv, T, D] at slots [B, T]
+            idx = block.slots[:, None, :, None].expand(B, k.shape[1], T, D)
+            k_cache.scatter_(2, idx, k)
+            v_cache.scatter_(2, idx, v)
+        k, v = k_cache[:, :, :block.S], v_cache[:, :, :block.S]  # [B, Hkv, S, D] views of the cache
         if torch.is_grad_enabled():  # autograd must keep what it saw, not a view later steps overwrite
             k, v = k.clone(), v.clone()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)  # [B, H, T, D]
@@ -141,14 +148,15 @@ def cached_derived(owner: nn.Module, name: str, sources: tuple[Tensor | None, ..
 
 def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A bool attention mask (True = may attend) as SDPA's additive form (0 / -inf), made once per forward
-    rather than by SDPA in every layer; SDPA's result is bitwise the same."""
+    rather than by SDPA in every layer; SDPA's result is bitwise the same. [B, T, S] -> [B, 1, T, S]."""
     if mask is None or mask.dtype != torch.bool:
         return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    add = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return add[:, None] if add.dim() == 3 else add
 
 
 class KVCache:
-    """Keys and values for every layer, allocated once and written by slot index."""
+    """Keys and values for every layer and cache row, allocated once and written by slot index."""
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -156,22 +164,46 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, C, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, C, D]
 
+    @classmethod
+    def _view(cls, k: Tensor, v: Tensor) -> "KVCache":
+        out = cls.__new__(cls)
+        out.k, out.v = k, v
+        return out
+
     @property
     def capacity(self) -> int:
         return self.k.shape[3]
 
-    def compact(self, src_slots: Tensor, dst_start: int) -> None:
-        """Move slots `src_slots` (ascending, all >= dst_start) to dst_start, dst_start+1, ..."""
-        # src_slots: [m]
-        src = src_slots.tolist()
-        first = next((i for i, s in enumerate(src) if s != dst_start + i), len(src))
-        if first == len(src):
-            return  # already in place (a chain's accepted path, or a path through every first child)
-        src_slots = src_slots[first:].to(self.k.device)
-        lo, hi = dst_start + first, dst_start + len(src)
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    def view_rows(self, lo: int, hi: int) -> "KVCache":
+        """Rows lo..hi-1 as a cache of their own (a view: writes go to this cache)."""
+        return KVCache._view(self.k[:, lo:hi], self.v[:, lo:hi])
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row dst := row src (a request moving to another row)."""
+        self.k[:, dst].copy_(self.k[:, src])
+        self.v[:, dst].copy_(self.v[:, src])
+
+    def commit(self, lengths: list[int], paths: list[list[int]]) -> None:
+        """Keep each row's accepted path: slot L_b + paths[b][j] moves to L_b + j (paths[b] ascending from 0,
+        the node offsets of a tree forward at slots L_b + i). Slots already in place are not touched."""
+        rows, src, dst = [], [], []
+        for b, (L, path) in enumerate(zip(lengths, paths)):
+            for j, node in enumerate(path):
+                if node != j:
+                    rows.append(b)
+                    src.append(L + node)
+                    dst.append(L + j)
+        if not rows:
+            return  # a chain's accepted path, or a path through every first child
+        dev = self.k.device
+        rows, src, dst = (torch.tensor(x, device=dev) for x in (rows, src, dst))
         # Indexing gathers into a new tensor first, so overlapping source and target are safe.
-        self.k[:, :, :, lo:hi] = self.k[:, :, :, src_slots]
-        self.v[:, :, :, lo:hi] = self.v[:, :, :, src_slots]
+        self.k[:, rows, :, dst] = self.k[:, rows, :, src]
+        self.v[:, rows, :, dst] = self.v[:, rows, :, src]
 
     def reset(self) -> None:
         self.k.zero_()
@@ -211,15 +243,15 @@ class Attention(nn.Module):
         self.wo = Linear(self.H * self.D, c.hidden_size, bias=c.o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-                start: int, mask: Tensor | None) -> Tensor:
-        # x: [B, T, hidden]; cos, sin: [B, 1, T, D]; k_cache, v_cache: [B, Hkv, C, D] or None; mask: [T, S]
+                block: Block | None, mask: Tensor | None) -> Tensor:
+        # x: [B, T, hidden]; cos, sin: [B, 1, T, D]; k_cache, v_cache: [B, Hkv, C, D] or None; mask: [B, 1, T, S]
         B, T, _ = x.shape
         qk, v = self.wqkv(x).split([(self.H + self.Hkv) * self.D, self.Hkv * self.D], dim=-1)
         qk = qk.view(B, T, self.H + self.Hkv, self.D).transpose(1, 2)  # [B, H + Hkv, T, D]
         qk = qk * cos + rotate_half(qk) * sin  # RoPE on queries and keys in one pass
         q, k = qk.split([self.H, self.Hkv], dim=1)  # [B, H, T, D], [B, Hkv, T, D]
         v = v.view(B, T, self.Hkv, self.D).transpose(1, 2)  # [B, Hkv, T, D]
-        return self.wo(cached_attention(q, k, v, k_cache, v_cache, start, mask))
+        return self.wo(cached_attention(q, k, v, k_cache, v_cache, block, mask))
 
 
 def last_rows(x: Tensor, n: int | None) -> Tensor:
@@ -359,8 +391,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(c)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-                start: int, mask: Tensor | None) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, start, mask)
+                block: Block | None, mask: Tensor | None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, block, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -390,45 +422,42 @@ class LlamaModel(nn.Module):
         return KVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim,
                        dtype=dtype or w.dtype, device=device or w.device)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache | None = None, start: int = 0,
-                attn_mask: Tensor | None = None, num_logits: int | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache | None = None,
+                block: Block | None = None, num_logits: int | None = None) -> Tensor:
         """Logits for a block of T new tokens (for its last `num_logits` tokens only, when given: a prefill
         needs none, a drafter's catch-up one): `logits(hidden(...))`."""
-        return self.logits(self.hidden(input_ids, position_ids, cache, start, attn_mask, num_logits))
+        return self.logits(self.hidden(input_ids, position_ids, cache, block, num_logits))
 
     def logits(self, h: Tensor) -> Tensor:
         """Final hidden states [..., hidden] -> fp32 logits [..., V]."""
         return self.output(h).float()
 
-    def hidden(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache | None = None, start: int = 0,
-               attn_mask: Tensor | None = None, num_rows: int | None = None) -> Tensor:
+    def hidden(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache | None = None,
+               block: Block | None = None, num_rows: int | None = None) -> Tensor:
         """Final (normed) hidden states of a block of T new tokens, for its last `num_rows` only when given.
 
-        With a `cache`, the block's keys and values are written to slots start..start+T-1 and it attends
-        to slots 0..S-1 (default mask: the whole prefix plus causal within the block). With `cache=None`
-        (training) nothing is stored, `start` must be 0 and the block attends causally to itself
-        (or per `attn_mask`, [T, T]); this path is differentiable.
+        With a `cache`, `block` (runtime.batch.Block) says where each row's tokens go (their K/V are written
+        at `block.slots`) and what they attend to (`block.mask` over slots [0, S)). With `cache=None`
+        (training) nothing is stored and the block attends causally to itself; this path is differentiable.
         """
-        # input_ids, position_ids: [B, T]; attn_mask: [T, S] bool, True = may attend -> [B, T or num_rows, hidden]
+        # input_ids, position_ids: [B, T] -> [B, T or num_rows, hidden]
         B, T = input_ids.shape
-        S = start + T
         if cache is None:
-            assert start == 0, f"cache=None attends within the block only; start must be 0, got {start}"
+            assert block is None, "cache=None attends causally within the block; no Block"
+            mask = None
         else:
-            assert S <= cache.capacity, f"start {start} + {T} tokens exceeds cache capacity {cache.capacity}"
+            assert block is not None and block.slots.shape == (B, T), "a cached forward needs its Block"
+            assert block.S <= cache.capacity, f"KV window {block.S} exceeds cache capacity {cache.capacity}"
             assert cache.k.shape[1] == B, (cache.k.shape, B)
-            if attn_mask is None and T > 1:
-                attn_mask = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=start)
-        assert attn_mask is None or attn_mask.shape == (T, S), (None if attn_mask is None else attn_mask.shape, T, S)
+            mask = None if block.mask_full else additive_mask(block.mask, self.tok_embeddings.weight.dtype)
 
         x = self.tok_embeddings(input_ids)  # [B, T, hidden]
         freqs = position_ids.float()[..., None] * self.inv_freq  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        mask = additive_mask(attn_mask, x.dtype)
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = (None, None) if cache is None else (cache.k[i], cache.v[i])
-            x = layer(x, cos, sin, k_cache, v_cache, start, mask)
+            x = layer(x, cos, sin, k_cache, v_cache, block, mask)
         return self.norm(last_rows(x, num_rows))
 
 

@@ -1,0 +1,217 @@
+"""The data one batched step moves around: `TreeBatch` (the drafts, as tensors) and `Block` (one forward).
+
+A step serves B requests at once, one per cache *row* (slot). Each row has its own committed length
+`L_b` (tokens whose KV / SSM state sits in the cache); the row's last token, the tree root, is pending.
+
+**TreeBatch**: the trees of all rows, padded to one size bucket T. Node i of row b sits at cache slot
+`L_b + i` and position `L_b + depth[b, i]`. Every node carries its *provenance* (how it was made:
+`spec_compiler.tree.Provenance`), from which the verifier derives its proposal; padding nodes
+(provenance PAD) are never accepted, see only themselves and hang off nothing (parent -1, depth 0).
+Per-row topologies come from `spec_compiler.tree.TreeTopology`, the only place parents and ancestors
+are derived; the tensors here are built from it (cached per topology).
+
+**Block**: what one model forward writes and reads, per row: the cache slots of its T new tokens, their
+positions, the *parent slot* of each token (-1: none), and the attention mask over cache slots [0, S).
+Attention layers write K/V at `slots` (by index: shapes never depend on lengths) and attend per `mask`;
+SSM layers read each token's parent slot (never a mask): the committed state when it is `L_b - 1`
+(or -1 with L_b = 0), an earlier node of the same tree (scratch, offset `slot - L_b`) otherwise.
+`advance=True` (prefill) commits as it goes: L_b grows by T; otherwise the forward leaves the
+committed state alone and `commit` keeps one root-to-node path per row afterwards.
+
+S is the KV window: the cache capacity for fixed shapes (compiled phases), or the live maximum over the
+batch for CPU eager (`kv_window=live`; a measured backend choice, recorded in the plan).
+
+Shape legend: B rows, T nodes (bucket), S attended slots, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from spec_compiler.tree import Provenance, TreeTopology
+
+PAD = int(Provenance.pad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-topology tensors (derived once per topology object; decoding asks for the same trees every step)
+# ---------------------------------------------------------------------------------------------------
+def topology_tensors(topo: TreeTopology, bucket: int) -> dict[str, Tensor]:
+    """parents [T], depth [T], anc [T, T] bool (ancestor-or-self) of `topo` padded to `bucket` nodes (CPU)."""
+    cache = topo.__dict__.setdefault("_tensors", {})
+    hit = cache.get(bucket)
+    if hit is None:
+        n = topo.n
+        assert n <= bucket, (n, bucket)
+        parents = torch.full((bucket,), -1, dtype=torch.long)
+        parents[:n] = torch.tensor(topo.parents)
+        depth = torch.zeros(bucket, dtype=torch.long)
+        depth[:n] = torch.tensor(topo.depth)
+        anc = torch.eye(bucket, dtype=torch.bool)
+        anc[:n, :n] = torch.tensor(topo.ancestor_rows)
+        hit = cache[bucket] = {"parents": parents, "depth": depth, "anc": anc}
+    return hit
+
+
+@dataclass
+class TreeBatch:
+    """Draft trees of B rows, padded to T nodes (see the module docstring)."""
+
+    topologies: list[TreeTopology]
+    """Each row's real tree (n_b <= T nodes, ids 0..n_b-1; node 0 is the root)."""
+    tokens: Tensor
+    """[B, T] long: token per node (0 at padding)."""
+    parents: Tensor
+    """[B, T] long: parent node id (-1: the root, and padding)."""
+    depth: Tensor
+    """[B, T] long (0 at padding)."""
+    anc: Tensor
+    """[B, T, T] bool: anc[b, i, j] iff j is on the root -> i path of row b (padding: itself only)."""
+    provenance: Tensor
+    """[B, T] int8 `Provenance` per node: how it was made (ROOT for node 0, PAD for padding)."""
+    draft_probs: Optional[Tensor] = None
+    """[B, T, V] float64: the drafter distribution node i's *children* were drawn from (sampled children
+    only; rows of leaves and deterministic parents unused), or None when no node was sampled."""
+
+    @property
+    def B(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def T(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def valid(self) -> Tensor:
+        """[B, T] bool: real nodes."""
+        return self.provenance != PAD
+
+    @property
+    def sizes(self) -> list[int]:
+        return [t.n for t in self.topologies]
+
+    @property
+    def max_depth(self) -> list[int]:
+        return [t.max_depth for t in self.topologies]
+
+    @staticmethod
+    def build(topologies: Sequence[TreeTopology], tokens: Sequence[Sequence[int]],
+              provenance: Sequence[Sequence[int]], bucket: int,
+              draft_probs: Optional[Tensor] = None) -> "TreeBatch":
+        """Rows from their topologies, tokens and per-node provenance (lists of n_b); padded to `bucket`.
+        draft_probs: [B, bucket, V] or None (rows beyond n_b ignored)."""
+        B = len(topologies)
+        toks = torch.zeros(B, bucket, dtype=torch.long)
+        prov = torch.full((B, bucket), PAD, dtype=torch.int8)
+        for b, (topo, t, p) in enumerate(zip(topologies, tokens, provenance)):
+            assert len(t) == len(p) == topo.n <= bucket, (len(t), len(p), topo.n, bucket)
+            toks[b, :topo.n] = torch.tensor(t, dtype=torch.long)
+            prov[b, :topo.n] = torch.tensor([int(x) for x in p], dtype=torch.int8)
+        parts = [topology_tensors(t, bucket) for t in topologies]
+        stack = (lambda k: parts[0][k][None].expand(B, *parts[0][k].shape)) if all(
+            t is topologies[0] for t in topologies) else (lambda k: torch.stack([p[k] for p in parts]))
+        return TreeBatch(list(topologies), toks, stack("parents"), stack("depth"), stack("anc"), prov, draft_probs)
+
+    @staticmethod
+    def roots(root_tokens: Sequence[int]) -> "TreeBatch":
+        """Root-only trees (the autoregressive step)."""
+        topo = TreeTopology.root_only()
+        return TreeBatch.build([topo] * len(root_tokens), [[int(x)] for x in root_tokens],
+                               [[Provenance.root]] * len(root_tokens), 1)
+
+    def row_tokens(self, b: int) -> list[int]:
+        return self.tokens[b, :self.topologies[b].n].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# one forward
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Block:
+    """One forward's T new tokens per row: where they go, where they sit, what they continue from."""
+
+    slots: Tensor
+    """[B, T] long: cache slot each token's K/V (and SSM scratch state) is written to."""
+    positions: Tensor
+    """[B, T] long: RoPE positions."""
+    parent_slots: Tensor
+    """[B, T] long: slot of each token's parent (-1: none: the start of a text, or a padding token)."""
+    mask: Tensor
+    """[B, T, S] bool: token t of row b may attend to slot s."""
+    lengths: Tensor
+    """[B] long: committed length of each row when the forward runs."""
+    advance: bool = False
+    """True: a causal block that extends every row's committed text by T (prefill); the forward commits
+    (SSM state, L_b += T). False: a tree / draft block; `commit` keeps a path afterwards."""
+    anc: Optional[Tensor] = None
+    """[B, T, T] bool in-block ancestor-or-self mask (None: derive causal order from parent_slots)."""
+    offsets: Optional[Tensor] = None
+    """[B, T] long: `slots - lengths`, the node's scratch index (tree blocks)."""
+    start: Optional[int] = None
+    """When every row writes slots start..start+T-1 (a prefill, batch 1): attention writes a slice."""
+    mask_full: bool = False
+    """Every token may attend to every slot of the window (attention may skip the mask)."""
+
+    @property
+    def B(self) -> int:
+        return self.slots.shape[0]
+
+    @property
+    def T(self) -> int:
+        return self.slots.shape[1]
+
+    @property
+    def S(self) -> int:
+        return self.mask.shape[-1]
+
+    @staticmethod
+    def causal(start: int, T: int, B: int = 1, kv_len: Optional[int] = None, device=None) -> "Block":
+        """T tokens continuing every row's text from slot `start` (= its committed length): a prefill chunk,
+        or one autoregressive token. kv_len: the KV window S (default start + T)."""
+        S = kv_len if kv_len is not None else start + T
+        assert S >= start + T, (S, start, T)
+        slots = torch.arange(start, start + T, device=device)
+        mask = torch.arange(S, device=device)[None, :] <= slots[:, None]  # [T, S]: prefix + causal
+        lengths = torch.full((B,), start, dtype=torch.long, device=device)
+        return Block(slots[None].expand(B, T), slots[None].expand(B, T), (slots - 1)[None].expand(B, T),
+                     mask[None].expand(B, T, S), lengths, advance=True,
+                     anc=torch.ones(T, T, dtype=torch.bool, device=device).tril()[None].expand(B, T, T),
+                     offsets=torch.arange(T, device=device)[None].expand(B, T), start=start,
+                     mask_full=T == 1 and S == start + 1)
+
+    @staticmethod
+    def tree(lengths: Tensor, tree: TreeBatch, kv_len: int, lo: int = 0, hi: Optional[int] = None,
+             base: Optional[Tensor] = None, device=None) -> "Block":
+        """Nodes lo..hi-1 of every row's tree, node j at slot base_b + j (default base = lengths: the verify
+        forward, whose root is pending at slot L_b). A drafter whose root is already committed passes
+        base = lengths - 1 and lo >= 1 (one level per forward). Node j continues from its parent's slot,
+        the root from the committed slot L_b - 1; padding from nothing."""
+        lengths = lengths.to(device)
+        base = lengths if base is None else base.to(device)
+        hi = tree.T if hi is None else hi
+        B, T = tree.tokens.shape[0], hi - lo
+        ids = torch.arange(lo, hi, device=device)
+        slots = base[:, None] + ids[None]  # [B, T]
+        parents = tree.parents[:, lo:hi].to(device)
+        parent_slots = torch.where(parents >= 0, base[:, None] + parents, lengths[:, None] - 1)
+        parent_slots = torch.where(tree.valid[:, lo:hi].to(device), parent_slots, torch.full_like(parent_slots, -1))
+        anc = tree.anc[:, lo:hi, :hi].to(device)  # [B, T, hi]: visible tree nodes 0..hi-1
+        mask = window_mask(lengths, base, anc, kv_len)
+        start = int(base[0]) + lo if B == 1 and base.device.type == "cpu" else None
+        return Block(slots, base[:, None] + tree.depth[:, lo:hi].to(device), parent_slots, mask, lengths,
+                     advance=False, anc=anc[:, :, lo:hi], offsets=slots - lengths[:, None], start=start,
+                     mask_full=start is not None and T == 1 and kv_len == start + 1)
+
+
+def window_mask(lengths: Tensor, base: Tensor, anc: Tensor, kv_len: int) -> Tensor:
+    """[B, T, S] bool: every token sees its row's committed prefix [0, L_b) and the slots base_b + j of the
+    tree nodes j it descends from (anc [B, T, n]: row t may see node j)."""
+    B, T, n = anc.shape
+    s = torch.arange(kv_len, device=lengths.device)
+    mask = (s[None, :] < lengths[:, None])[:, None, :].expand(B, T, kv_len).clone()  # [B, T, S]
+    cols = (base[:, None] + torch.arange(n, device=lengths.device)[None])[:, None, :].expand(B, T, n)
+    mask.scatter_(2, cols, anc | mask.gather(2, cols))  # keep prefix slots a tree node may alias (a committed root)
+    return mask
