@@ -122,6 +122,13 @@ class TreeBatch:
         return TreeBatch.build([topo] * len(root_tokens), [[int(x)] for x in root_tokens],
                                [[Provenance.root]] * len(root_tokens), 1)
 
+    def select_rows(self, rows: Sequence[int]) -> "TreeBatch":
+        """The sub-batch of `rows` (e.g. the greedy rows of a mixed batch)."""
+        idx = torch.tensor(list(rows), dtype=torch.long)
+        return TreeBatch([self.topologies[b] for b in rows], self.tokens[idx], self.parents[idx], self.depth[idx],
+                         self.anc[idx], self.provenance[idx],
+                         None if self.draft_probs is None else self.draft_probs[idx])
+
     def row_tokens(self, b: int) -> list[int]:
         return self.tokens[b, :self.topologies[b].n].tolist()
 

@@ -1,25 +1,35 @@
-"""The one decode loop: prefill -> [draft -> verify -> accept -> commit]* (ALGORITHMS.md §0.2).
+"""The one batched decode step and the generate loop around it (ALGORITHMS.md §0.2, §8.1).
 
-State: `tokens` (prompt + emitted) and `L`, the number of tokens whose KV sits in the target cache; the
-last token (the tree root) is always pending. Each step the drafter proposes a tree rooted at it, one
-target forward scores every node (positions L + depth, ancestor mask), the verifier picks the accepted
-path and the next token, and the cache keeps just that path. The autoregressive baseline is the same
-loop with `NoDrafter` (a root-only tree).
+`Engine` serves up to `rows` requests at once, one per cache row. A request is prefilled into a free row
+(its prompt minus the last token, which becomes the pending tree root), then every `step()`:
 
-Limits: a step never emits past `max_new_tokens` or the context (`max_seq_len`), because the drafter is
-told the remaining budget (`max_depth = remaining - 1`, the +1 being the bonus/recovered token); EOS
-ends the request, dropping anything after it.
+    drafter.propose(rows, max_depth) -> TreeBatch [B, T]     one tree per row, padded to a size bucket
+    Block.tree(lengths, tree)        -> one target forward    logits [B, T, V], KV written by slot index
+    accept (greedy / RRS per row)    -> path + next token     on batched tensors (runtime.sampling)
+    cache.commit(lengths, paths)                              KV compaction / SSM state per row
+
+Each row keeps its own committed length L_b, budget, sampling parameters and generators, so a request's
+output is the same alone or in any batch. A step never emits past `max_new_tokens` or the context
+(`max_seq_len`): the drafter is told `max_depth = remaining - 1` per row (the +1 is the bonus/recovered
+token). EOS ends a request, dropping anything after it; finished requests leave the batch (the last row
+moves into the freed one) while the others continue. The autoregressive baseline is `NoDrafter`: a
+root-only tree through the same step; batch 1 is B = 1.
+
+`kv_window`: the attention window per forward: "live" slices the cache to the longest live row (fastest
+in CPU eager; a shape that changes every step), "full" attends over the whole capacity (fixed shapes per
+(B, T) bucket, for compiled phases and CUDA graphs). Both give the same tokens.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from runtime.models.llama import KVCache, LlamaModel
-from runtime.sampling import AcceptanceRule, target_probs, verify_greedy, verify_sampling
+from runtime.batch import Block, TreeBatch
+from runtime.sampling import (AcceptanceRule, TorchDraftSampler, accept_greedy, accept_sampled, draw_uniforms,
+                              target_probs)
 from spec_compiler.errors import InputError
 
 
@@ -30,24 +40,32 @@ class SamplingParams:
     top_p: float = 1.0
     acceptance: AcceptanceRule = AcceptanceRule.auto
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
 
 @dataclass
 class DecodeResult:
     output_ids: list[int]
     """New tokens only."""
     accept_lengths: list[int] = field(default_factory=list)
-    """Tokens emitted per step (accepted drafts + 1), Spec-Bench's accept_lengths."""
+    """Tokens emitted per step (accepted drafts + 1, fewer where EOS or the budget cut the step); sums to
+    len(output_ids). Spec-Bench's accept_lengths."""
+    accepted_drafts: list[int] = field(default_factory=list)
+    """Draft tokens accepted *and emitted* per step."""
     draft_depths: list[int] = field(default_factory=list)
     """Depth of the tree verified at each step (0 = no draft)."""
     stop_reason: str = ""
     """'eos' | 'max_new_tokens' | 'context'."""
     draft_time: float = 0.0
-    """Seconds in drafter.propose."""
+    """Seconds in drafter.propose (of the batched steps this request took part in)."""
     verify_time: float = 0.0
-    """Seconds in the target's tree forward and the acceptance walk."""
+    """Seconds in the target's tree forward and the acceptance."""
     other_time: float = 0.0
-    """The rest of wall_time: prefill, acceptance, cache commit, bookkeeping."""
+    """The rest of wall_time: prefill, cache commit, bookkeeping, and waiting for other rows."""
     wall_time: float = 0.0
+    """Seconds from admission to the last token."""
 
     @property
     def steps(self) -> int:
@@ -61,83 +79,213 @@ class DecodeResult:
 
 @dataclass
 class StepState:
-    """What a step hook sees after commit (tests compare the cache with a fresh prefill)."""
+    """What a step hook sees of one row after commit (tests compare the cache with a fresh prefill)."""
 
     tokens: list[int]
     L: int
-    cache: KVCache
+    cache: object
+    """This row's cache (a one-row view)."""
     path: list[int]
+    row: int
 
 
-@torch.inference_mode()  # no autograd bookkeeping at all: measurably less per-op overhead than no_grad on CPU
-def decode(target: LlamaModel, cache: KVCache, drafter, prompt_ids: list[int], *, max_new_tokens: int,
-           max_seq_len: int, eos_ids: tuple[int, ...] = (), sampling: SamplingParams = SamplingParams(),
-           draft_gen: Optional[torch.Generator] = None, verify_gen: Optional[torch.Generator] = None,
-           on_step: Optional[Callable[[StepState], None]] = None) -> DecodeResult:
-    if not prompt_ids:
-        raise InputError("prompt", "is empty after tokenization")
-    if len(prompt_ids) >= max_seq_len:
-        raise InputError("prompt", f"{len(prompt_ids)} tokens do not fit the context "
-                         f"(target.max_seq_len={max_seq_len} leaves no room to generate)")
-    device = next(target.parameters()).device
-    greedy = sampling.temperature == 0
-    temp = (sampling.temperature, sampling.top_k, sampling.top_p)
-    eos = set(eos_ids)
-    t_start = time.perf_counter()
+@dataclass
+class Request:
+    """One request's parameters and decoding state (the engine's row `slot` while it is admitted)."""
 
-    tokens = list(prompt_ids)
-    L = len(tokens) - 1
-    drafter.reset()
-    if L:
-        ids = torch.tensor([tokens[:L]], device=device)
-        target.hidden(ids, torch.arange(L, device=device)[None], cache, 0, num_rows=0)
-    res = DecodeResult([])
-    while True:
-        remaining = min(max_new_tokens - len(res.output_ids), max_seq_len - len(tokens))
-        if remaining <= 0:
-            res.stop_reason = "max_new_tokens" if len(res.output_ids) >= max_new_tokens else "context"
-            break
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    draft_gen: Optional[torch.Generator] = None
+    verify_gen: Optional[torch.Generator] = None
+    tokens: list[int] = field(default_factory=list)
+    """Prompt + emitted tokens; the last one (the tree root) is not in the cache yet."""
+    L: int = 0
+    """Committed length: tokens[:L] have their KV / SSM state in the target cache."""
+    slot: int = -1
+    result: DecodeResult = field(default_factory=lambda: DecodeResult([]))
+    sampler: object = None
+    """Per-request draft sampler (runtime.sampling.TorchDraftSampler over draft_gen)."""
+    t_start: float = 0.0
+
+    @property
+    def emitted(self) -> int:
+        return len(self.result.output_ids)
+
+
+class Engine:
+    def __init__(self, target, cache, drafter, *, max_seq_len: int, eos_ids: Sequence[int] = (),
+                 kv_window: str = "live", prefill_chunk: int = 0,
+                 on_step: Optional[Callable[[StepState], None]] = None):
+        """cache: the target's cache with `cache.rows` rows (the most requests decoded together);
+        prefill_chunk: prompt tokens per prefill forward (0 = the whole prompt in one)."""
+        assert kv_window in ("live", "full"), kv_window
+        self.target, self.cache, self.drafter = target, cache, drafter
+        self.max_seq_len, self.eos = max_seq_len, frozenset(eos_ids)
+        self.kv_window, self.prefill_chunk, self.on_step = kv_window, prefill_chunk, on_step
+        self.device = next(target.parameters()).device
+        self.rows: list[Request] = []
+        self.shapes: list[tuple] = []
+        """(B, T, S) of every verify forward, for tests of the static-shape contract."""
+
+    @property
+    def capacity_rows(self) -> int:
+        return self.cache.rows
+
+    def _kv_len(self, need: int) -> int:
+        return need if self.kv_window == "live" else self.cache.capacity
+
+    # ---- admission ---------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        """Prefill `req` into the next free row."""
+        if not req.prompt_ids:
+            raise InputError("prompt", "is empty after tokenization")
+        if len(req.prompt_ids) >= self.max_seq_len:
+            raise InputError("prompt", f"{len(req.prompt_ids)} tokens do not fit the context "
+                             f"(target.max_seq_len={self.max_seq_len} leaves no room to generate)")
+        assert len(self.rows) < self.capacity_rows, "no free row"
+        req.t_start = time.perf_counter()
+        req.slot = len(self.rows)
+        req.tokens = list(req.prompt_ids)
+        req.L = len(req.tokens) - 1
+        req.result = DecodeResult([])
+        req.sampler = TorchDraftSampler(req.draft_gen)
+        self._prefill(req.slot, req.tokens[:req.L])
+        self.drafter.start(req.slot, req.tokens)
+        self.rows.append(req)
+
+    @torch.inference_mode()
+    def _prefill(self, slot: int, ids: list[int]) -> None:
+        view = self.cache.view_rows(slot, slot + 1)
+        chunk = self.prefill_chunk or len(ids)
+        for lo in range(0, len(ids), max(1, chunk)):
+            part = ids[lo:lo + chunk]
+            T = len(part)
+            block = Block.causal(lo, T, 1, self._kv_len(lo + T), device=self.device)
+            self.target.hidden(torch.tensor([part], device=self.device), block.positions, view, block, num_rows=0)
+
+    # ---- the step ----------------------------------------------------------------------------------
+    @torch.inference_mode()  # no autograd bookkeeping at all: measurably less per-op overhead than no_grad on CPU
+    def step(self) -> list[Request]:
+        """One batched step over every admitted request; returns the requests that finished (their rows freed)."""
+        rows = self.rows
+        B = len(rows)
         t0 = time.perf_counter()
-        tree = drafter.propose(tokens, remaining - 1, draft_gen)
+        remaining = [min(r.max_new_tokens - r.emitted, self.max_seq_len - len(r.tokens)) for r in rows]
+        tree = self.drafter.propose(rows, [m - 1 for m in remaining])
         t1 = time.perf_counter()
-        topo = tree.topology
-        logits = target(torch.tensor([tree.tokens], device=device), topo.position_ids(L, device)[None],
-                        cache, L, topo.attention_mask(L, device) if topo.n > 1 else None)[0].cpu()
-        if greedy:
-            path, y = verify_greedy(tree, logits)
-        else:
-            path, y = verify_sampling(tree, target_probs(logits, *temp), sampling.acceptance, verify_gen)
+        lengths = [r.L for r in rows]
+        block = Block.tree(torch.tensor(lengths), tree, self._kv_len(max(lengths) + tree.T), device=self.device)
+        self.shapes.append((B, tree.T, block.S))
+        logits = self.target(tree.tokens.to(self.device), block.positions, self.cache.view_rows(0, B), block)
+        paths, nxt = self._accept(tree, logits.cpu())
         t2 = time.perf_counter()
-        if len(path) > 1:  # keep the accepted path's KV contiguous after the prefix
-            cache.compact(torch.tensor(path) + L, L)
-        L += len(path)
-        new = [tree.tokens[i] for i in path[1:]] + [y]
-        stop = next((i for i, x in enumerate(new) if x in eos), None)
-        if stop is not None:
-            new = new[:stop + 1]
-        tokens += new
-        res.output_ids += new
-        res.accept_lengths.append(len(path))
-        res.draft_depths.append(topo.max_depth)
-        res.draft_time += t1 - t0
-        res.verify_time += t2 - t1
-        if on_step is not None:
-            on_step(StepState(tokens, L, cache, path))
-        if stop is not None:
-            res.stop_reason = "eos"
-            break
-    res.wall_time = time.perf_counter() - t_start
-    res.other_time = res.wall_time - res.draft_time - res.verify_time  # prefill, accept, commit, bookkeeping
-    return res
+        self.cache.commit(lengths, paths)
+        done = []
+        for b, r in enumerate(rows):
+            path = paths[b]
+            res = r.result
+            new = tree.tokens[b, path[1:]].tolist() + [nxt[b]]
+            stop = next((i for i, x in enumerate(new) if x in self.eos), None)
+            if stop is not None:
+                new = new[:stop + 1]
+            r.L += len(path)
+            r.tokens += new
+            res.output_ids += new
+            res.accept_lengths.append(len(new))
+            res.accepted_drafts.append(min(len(path) - 1, len(new)))
+            res.draft_depths.append(tree.topologies[b].max_depth)
+            res.draft_time += t1 - t0
+            res.verify_time += t2 - t1
+            if self.on_step is not None:
+                self.on_step(StepState(r.tokens, r.L, self.cache.view_rows(b, b + 1), path, b))
+            if stop is not None:
+                res.stop_reason = "eos"
+            elif r.emitted >= r.max_new_tokens:
+                res.stop_reason = "max_new_tokens"
+            elif len(r.tokens) >= self.max_seq_len:
+                res.stop_reason = "context"
+            if res.stop_reason:
+                done.append(r)
+        for r in done:
+            self._finish(r)
+        return done
+
+    def _accept(self, tree: TreeBatch, logits: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+        """Per-row acceptance: greedy rows by argmax matching, sampled rows by recursive rejection sampling
+        against their own target distribution (temperature, top-k, top-p) and uniforms."""
+        rows = self.rows
+        greedy = [b for b, r in enumerate(rows) if r.sampling.greedy]
+        if len(greedy) == len(rows):
+            return accept_greedy(tree, logits)
+        paths: list = [None] * len(rows)
+        nxt: list = [None] * len(rows)
+        if greedy:
+            gp, gy = accept_greedy(tree.select_rows(greedy), logits[greedy])
+            for b, p, y in zip(greedy, gp, gy):
+                paths[b], nxt[b] = p, y
+        groups: dict[SamplingParams, list[int]] = {}
+        for b, r in enumerate(rows):
+            if not r.sampling.greedy:
+                groups.setdefault(r.sampling, []).append(b)
+        for sp, idx in groups.items():
+            sub = tree if len(idx) == len(rows) else tree.select_rows(idx)
+            q = target_probs(logits[idx], sp.temperature, sp.top_k, sp.top_p)
+            u = draw_uniforms([rows[b].verify_gen for b in idx], tree.T)
+            sp_paths, sp_next = accept_sampled(sub, q, sp.acceptance, u)
+            for b, p, y in zip(idx, sp_paths, sp_next):
+                paths[b], nxt[b] = p, y
+        return paths, nxt
+
+    def _finish(self, req: Request) -> None:
+        """req leaves; the last row moves into its row."""
+        res = req.result
+        res.wall_time = time.perf_counter() - req.t_start
+        res.other_time += res.wall_time - res.draft_time - res.verify_time
+        b, last = self.rows.index(req), len(self.rows) - 1
+        if b != last:
+            moved = self.rows[last]
+            self.cache.copy_row(last, b)
+            self.drafter.move(last, b)
+            moved.slot = b
+            self.rows[b] = moved
+        self.rows.pop()
+        req.slot = -1
+
+    # ---- many requests -------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request]) -> list[DecodeResult]:
+        """Decode every request, up to `cache.rows` at a time; a finished request's row goes to the next one
+        waiting (continuous batching in arrival order). Results in request order."""
+        waiting = list(requests)[::-1]
+        while waiting or self.rows:
+            while waiting and len(self.rows) < self.capacity_rows:
+                req = waiting.pop()
+                self.add(req)
+                if req.max_new_tokens <= 0 or len(req.tokens) >= self.max_seq_len:  # nothing to generate
+                    req.result.stop_reason = "max_new_tokens" if req.max_new_tokens <= 0 else "context"
+                    self._finish(req)
+            if self.rows:
+                self.step()
+        return [r.result for r in requests]
+
+
+def decode(target, cache, drafter, prompt_ids: list[int], *, max_new_tokens: int, max_seq_len: int,
+           eos_ids: tuple[int, ...] = (), sampling: SamplingParams = SamplingParams(),
+           draft_gen: Optional[torch.Generator] = None, verify_gen: Optional[torch.Generator] = None,
+           on_step: Optional[Callable[[StepState], None]] = None, kv_window: str = "live") -> DecodeResult:
+    """One request through the engine (batch 1)."""
+    engine = Engine(target, cache, drafter, max_seq_len=max_seq_len, eos_ids=eos_ids, kv_window=kv_window,
+                    on_step=on_step)
+    return engine.generate([Request(list(prompt_ids), max_new_tokens, sampling, draft_gen, verify_gen)])[0]
 
 
 def per_position_acceptance(results: list[DecodeResult]) -> list[float]:
-    """P(draft position j accepted | the step drafted position j), j = 0..max depth - 1."""
+    """P(draft position j accepted and emitted | the step drafted position j), j = 0..max depth - 1."""
     depth = max((d for r in results for d in r.draft_depths), default=0)
     hit, tried = [0] * depth, [0] * depth
     for r in results:
-        for a, d in zip(r.accept_lengths, r.draft_depths):
+        for a, d in zip(r.accepted_drafts, r.draft_depths):
             for j in range(d):
                 tried[j] += 1
-                hit[j] += a - 1 > j
+                hit[j] += a > j
     return [h / t if t else 0.0 for h, t in zip(hit, tried)]

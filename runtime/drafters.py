@@ -1,160 +1,177 @@
-"""Proposers behind one small interface: `propose(tokens, max_depth, gen) -> DraftTree`.
+"""Model proposers for the batched step: `propose(rows, max_depth) -> TreeBatch` over all rows at once.
 
-- `NoDrafter`: root only, so the step is a plain autoregressive step (the baseline runs the same loop).
-- `ModelDrafter`: an independent small causal LM with its own KV cache. Each step it first catches up
-  on the tokens committed since the last step (one causal forward that ends at the root), then fills
-  the tree one level per forward with a tree mask; children are top-b picks (deterministic), i.i.d.
-  samples, or samples without replacement (Gumbel-top-k), and the distribution they came from is kept
-  for the verifier.
-- `PromptLookupDrafter`: n-gram match of the text's suffix against earlier text (PLD); the
-  continuations after the most recent matches form a chain or a trie (deterministic children).
+- `NoDrafter`: root-only trees, so the step is a plain autoregressive step (the baseline runs the same step).
+- `ModelDrafter`: an independent small causal LM (Llama or Mamba2 family) with its own cache, one row per
+  engine row. Each step it first catches every row up on the tokens committed since its last step (one
+  forward for the whole batch, ending at each row's root), then fills the plan's tree one level per
+  forward for the whole batch (tree mask per row); children are the top-b picks (deterministic), i.i.d.
+  samples, or samples without replacement (Gumbel-top-k) drawn by each request's own sampler, and the
+  distribution they came from is kept for the verifier (`TreeBatch.draft_probs`).
+- Prompt lookup (`runtime.lookup.PromptLookupDrafter`) has the same interface.
 
-Drafters never see the target; the decode loop passes `max_depth` so drafts never run past a limit.
+Interface shared by all drafters: `start(slot, tokens)` when a request is admitted to a row (its prompt is
+prefilled), `move(src, dst)` when the engine moves a request to another row, `propose(rows, max_depth)`
+where `rows[b]` has `.tokens` (prompt + emitted; the last one is the root), `.slot` and `.sampler`, and
+`max_depth[b]` caps row b's tree depth (the remaining budget). Drafters never see the target.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-from runtime.models.llama import LlamaModel
+from runtime.batch import Block, TreeBatch
 from runtime.sampling import ChildKind
-from spec_compiler.tree import DraftTree, TreeTopology
+from spec_compiler.tree import Provenance, TreeTopology, tree_buckets
+
+PROVENANCE = {ChildKind.deterministic: Provenance.topk, ChildKind.iid: Provenance.iid, ChildKind.wor: Provenance.wor}
+
+
+def bucket_for(buckets: Sequence[int], n: int) -> int:
+    return next(b for b in buckets if b >= n)
 
 
 class NoDrafter:
-    def reset(self) -> None:
+    def start(self, slot: int, tokens: list[int]) -> None:
         pass
 
-    def propose(self, tokens: list[int], max_depth: int, gen: torch.Generator | None) -> DraftTree:
-        return DraftTree.root_only(tokens[-1])
+    def move(self, src: int, dst: int) -> None:
+        pass
+
+    def propose(self, rows: Sequence, max_depth: Sequence[int]) -> TreeBatch:
+        return TreeBatch.roots([r.tokens[-1] for r in rows])
 
 
 class ModelDrafter:
-    def __init__(self, model: LlamaModel, topology: TreeTopology, capacity: int, child_kind: ChildKind,
-                 temperature: float, target_vocab: int, cache=None, s2t: torch.Tensor | None = None):
-        """`model`: a LlamaModel or Mamba2LMModel (same forward contract); `cache`: a prebuilt cache of
-        `capacity` slots, else model.new_cache(1, capacity); `s2t`: [K] token id of each logit column when
-        the model's head is trimmed (VocabTrim, runtime.models.llama.trim_lm_head), else None."""
+    def __init__(self, model, topology: TreeTopology, capacity: int, child_kind: ChildKind, temperature: float,
+                 target_vocab: int, rows: int = 1, s2t: torch.Tensor | None = None, kv_window: str = "live",
+                 cache=None):
+        """`model`: a LlamaModel or Mamba2LMModel (same forward contract); `cache`: a prebuilt cache of `rows`
+        rows and `capacity` slots, else model.new_cache(rows, capacity); `s2t`: [K] token id of each logit
+        column when the model's head is trimmed (VocabTrim, runtime.models.llama.trim_lm_head), else None."""
         assert topology.is_level_ordered, "drafting fills one level per forward"
-        self.model, self.topology, self.kind = model, topology, child_kind
-        self.temperature, self.vocab = temperature, target_vocab
+        self.model, self.topology, self.kind = model, topology, ChildKind(child_kind)
+        self.prov = PROVENANCE[self.kind]
+        self.temperature, self.vocab, self.kv_window = temperature, target_vocab, kv_window
         self.device = next(model.parameters()).device
-        self.cache = cache if cache is not None else model.new_cache(1, capacity)
-        self.cached = 0  # slots [0, cached) hold the KV of tokens[0:cached]
+        self.cache = cache if cache is not None else model.new_cache(rows, capacity)
+        self.cached = [0] * self.cache.rows  # row b: slots [0, cached[b]) hold the KV of tokens[0:cached[b]]
         self.s2t = s2t.cpu() if s2t is not None else None
+        self.buckets = tree_buckets(topology.n)
 
-    def reset(self) -> None:
-        self.cached = 0
+    def _kv_len(self, need: int) -> int:
+        return need if self.kv_window == "live" else self.cache.capacity
 
+    # ---- rows ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def start(self, slot: int, tokens: list[int]) -> None:
+        """Prefill the prompt up to (not including) the root; the first step catches up on the root."""
+        ids = tokens[:-1]
+        self.cached[slot] = len(ids)
+        if ids:
+            block = Block.causal(0, len(ids), 1, self._kv_len(len(ids)), device=self.device)
+            self.model.hidden(torch.tensor([ids], device=self.device), block.positions,
+                              self.cache.view_rows(slot, slot + 1), block, num_rows=0)
+
+    def move(self, src: int, dst: int) -> None:
+        self.cache.copy_row(src, dst)
+        self.cached[dst] = self.cached[src]
+
+    # ---- drafting ------------------------------------------------------------------------------------
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """[m, Vd] logits -> [m, V] float64 proposal over target ids (zero for ids the drafter's head lacks:
+        """[..., Vd] logits -> [..., V] float64 proposal over target ids (zero for ids the drafter's head lacks:
         beyond its vocabulary, or trimmed away)."""
         p = torch.softmax(logits.to(torch.float64) / self.temperature, dim=-1).cpu()
         if self.s2t is not None:
-            return torch.zeros(p.shape[0], self.vocab, dtype=torch.float64).index_copy_(1, self.s2t, p)
+            return torch.zeros(*p.shape[:-1], self.vocab, dtype=torch.float64).index_copy_(-1, self.s2t, p)
         if p.shape[-1] < self.vocab:
             p = torch.nn.functional.pad(p, (0, self.vocab - p.shape[-1]))
         return p
 
-    def _children(self, p: torch.Tensor, b: int, gen: torch.Generator | None) -> list[int]:
-        """b sampled child tokens from one [V] distribution, in generation order (fewer if p's support is
-        smaller): i.i.d., or without replacement."""
-        b = min(b, int((p > 0).sum()))
-        if self.kind is ChildKind.iid:
-            return torch.multinomial(p, b, replacement=True, generator=gen).tolist()
-        u = torch.rand(p.shape, generator=gen, dtype=torch.float64).clamp_min(1e-300)
-        keys = torch.log(p) - torch.log(-torch.log(u))  # Gumbel-top-k: an ordered sample without replacement
-        return torch.topk(keys, b).indices.tolist()
+    def _catch_up(self, rows: Sequence) -> torch.Tensor:
+        """Every row's tokens since its last step (ending with its root) in one forward -> root logits [B, Vd]."""
+        B = len(rows)
+        news = [r.tokens[self.cached[r.slot]:] for r in rows]
+        cached = [self.cached[r.slot] for r in rows]
+        view = self.cache.view_rows(0, B)
+        if B == 1:  # one causal block (prefill-style: the cache advances as it goes)
+            n = len(news[0])
+            block = Block.causal(cached[0], n, 1, self._kv_len(cached[0] + n), device=self.device)
+            h = self.model.hidden(torch.tensor(news, device=self.device), block.positions, view, block, num_rows=1)
+            logits = self.model.logits(h[:, 0])
+        else:  # rows of different lengths: chains padded to the longest, committed up to each row's root
+            topos = [TreeTopology.chain(len(x) - 1) for x in news]
+            T = max(len(x) for x in news)
+            provs = [[Provenance.root] + [Provenance.topk] * (len(x) - 1) for x in news]
+            chains = TreeBatch.build(topos, news, provs, T)
+            block = Block.tree(torch.tensor(cached), chains, self._kv_len(max(cached) + T), device=self.device)
+            h = self.model.hidden(chains.tokens.to(self.device), block.positions, view, block)  # [B, T, E]
+            last = torch.tensor([len(x) - 1 for x in news], device=self.device)
+            logits = self.model.logits(h[torch.arange(B, device=self.device), last])
+            self.cache.commit(cached, [list(range(len(x))) for x in news])
+        for r in rows:
+            self.cached[r.slot] = len(r.tokens)
+        return logits  # [B, Vd]
 
-    @torch.no_grad()
-    def propose(self, tokens: list[int], max_depth: int, gen: torch.Generator | None) -> DraftTree:
-        topo = self.topology.truncate(max_depth) if max_depth < self.topology.max_depth else self.topology
-        if topo.n == 1:
-            return DraftTree.root_only(tokens[-1])
-        # catch up: tokens[cached:] (ending with the root) in one causal forward
-        new = torch.tensor([tokens[self.cached:]], device=self.device)
-        pos = torch.arange(self.cached, len(tokens), device=self.device)[None]
-        logits = self.model(new, pos, self.cache, self.cached, num_logits=1)[0]
-        self.cached = len(tokens)
-        L = self.cached - 1  # the root's slot; node i sits at slot L + i
-
+    @torch.inference_mode()
+    def propose(self, rows: Sequence, max_depth: Sequence[int]) -> TreeBatch:
+        B = len(rows)
+        depth = min(self.topology.max_depth, max(max_depth))
+        if depth <= 0:
+            return TreeBatch.roots([r.tokens[-1] for r in rows])
+        topo = self.topology.truncate(depth)
+        logits = self._catch_up(rows)[:, None]  # [B, 1, Vd]: the root level
+        cached = torch.tensor([self.cached[r.slot] for r in rows])  # the root sits at slot cached - 1
         n = topo.n
-        toks, keep = [tokens[-1]] + [0] * (n - 1), [True] + [False] * (n - 1)
+        toks = torch.zeros(B, n, dtype=torch.long)
+        toks[:, 0] = torch.tensor([r.tokens[-1] for r in rows])
+        keep = [[True] + [False] * (n - 1) for _ in range(B)]
+        provs = [Provenance.root] + [self.prov] * (n - 1)
+        full = TreeBatch.build([topo] * B, toks.tolist(), [provs] * B, n)
+        full.tokens = toks  # filled level by level below
         # Sampled children need the distribution they came from (the verifier's proposal); top-b children
-        # need only the ranking, so they skip the fp64 softmax over the vocabulary (DraftTree.draft_probs None).
+        # need only the ranking, so they skip the fp64 softmax over the vocabulary.
         sampled = self.kind is not ChildKind.deterministic
-        probs = torch.zeros(n, self.vocab, dtype=torch.float64) if sampled else None
-        anc = topo.ancestor_mask(self.device)
-        for d, level in enumerate(topo.levels):
+        probs = torch.zeros(B, n, self.vocab, dtype=torch.float64) if sampled else None
+        view = self.cache.view_rows(0, B)
+        for d, level in enumerate(topo.levels[:-1]):
             if sampled:
-                p_level = self._probs(logits)  # distributions at the nodes of this level
+                p_level = self._probs(logits)  # [B, m, V]: distributions at the nodes of this level
+                probs[:, level[0]:level[-1] + 1] = p_level
             else:
                 width = min(max(len(topo.children[node]) for node in level), logits.shape[-1])
-                top = torch.topk(logits, width, dim=-1).indices.cpu() if width else None  # [m, width] columns
-                top = (top if self.s2t is None else self.s2t[top]).tolist() if width else None  # token ids
-            for j, node in enumerate(level):
-                kids = topo.children[node]
-                if sampled:
-                    probs[node] = p_level[j]
-                if not kids or not keep[node]:
-                    continue
-                picked = self._children(p_level[j], len(kids), gen) if sampled else top[j][:len(kids)]
-                for c, x in zip(kids, picked):
-                    toks[c], keep[c] = x, True
+                top = torch.topk(logits, width, dim=-1).indices.cpu()  # [B, m, width] columns
+                top = (top if self.s2t is None else self.s2t[top]).tolist()  # token ids
+            for b in range(B):
+                for j, node in enumerate(level):
+                    kids = topo.children[node]
+                    if not kids or not keep[b][node]:
+                        continue
+                    picked = rows[b].sampler.children(p_level[b, j], len(kids), self.prov) if sampled \
+                        else top[b][j][:len(kids)]
+                    for c, x in zip(kids, picked):
+                        toks[b, c] = x
+                        keep[b][c] = True
             if d + 1 == len(topo.levels) - 1:
                 break  # the last level's distributions are not needed
-            nxt = topo.levels[d + 1]
-            lo, hi = nxt[0], nxt[-1] + 1  # a contiguous id range (level ordered)
-            mask = torch.zeros(hi - lo, L + hi, dtype=torch.bool, device=self.device)
-            mask[:, :L] = True
-            mask[:, L:] = anc[lo:hi, :hi]
-            ids = torch.tensor([toks[lo:hi]], device=self.device)
-            pos = torch.tensor([[L + topo.depth[i] for i in range(lo, hi)]], device=self.device)
-            logits = self.model(ids, pos, self.cache, L + lo, mask)[0]
+            lo, hi = topo.levels[d + 1][0], topo.levels[d + 1][-1] + 1  # a contiguous id range (level ordered)
+            block = Block.tree(cached, full, self._kv_len(int(cached.max()) + hi - 1), lo, hi, base=cached - 1,
+                               device=self.device)
+            logits = self.model(toks[:, lo:hi].to(self.device), block.positions, view, block)  # [B, hi-lo, Vd]
 
-        kept = [i for i in range(n) if keep[i]]
-        sub = topo.select(kept)
-        kinds = [self.kind.value if sub.children[i] else "" for i in range(sub.n)]
-        return DraftTree(sub, [toks[i] for i in kept], kinds, probs[kept] if sampled else None)
-
-
-class PromptLookupDrafter:
-    def __init__(self, topology: TreeTopology, min_ngram: int, max_ngram: int, num_pred_tokens: int):
-        self.min_n, self.max_n, self.num_pred = min_ngram, max_ngram, num_pred_tokens
-        self.depth = min(topology.max_depth, num_pred_tokens)
-        self.width = len(topology.children[0])  # chain: 1 continuation; static: up to branching[0]
-        self.budget = topology.n
-
-    def reset(self) -> None:
-        pass
-
-    def _continuations(self, tokens: list[int], depth: int) -> list[list[int]]:
-        """Up to `width` distinct continuations: longest matching suffix n-gram first, most recent match first."""
-        t = torch.tensor(tokens)
-        conts: list[list[int]] = []
-        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
-            windows = t[:-1].unfold(0, n, 1)  # [len-n, n]: every earlier n-gram (not the suffix itself)
-            hits = (windows == t[-n:]).all(dim=1).nonzero().flatten().tolist()
-            for start in reversed(hits):
-                cont = tokens[start + n:start + n + depth]
-                if cont and cont not in conts:
-                    conts.append(cont)
-                if len(conts) == self.width:
-                    return conts
-        return conts
-
-    def propose(self, tokens: list[int], max_depth: int, gen: torch.Generator | None) -> DraftTree:
-        conts = self._continuations(tokens, min(self.depth, max_depth))
-        parents, toks, index = [-1], [tokens[-1]], {}
-        for cont in conts:  # merge into a trie; children of a node are distinct tokens
-            node = 0
-            for x in cont:
-                if (node, x) not in index:
-                    if len(parents) == self.budget:
-                        break
-                    index[(node, x)] = len(parents)
-                    parents.append(node)
-                    toks.append(x)
-                node = index[(node, x)]
-        topo = TreeTopology(tuple(parents))
-        kinds = [ChildKind.deterministic.value if topo.children[i] else "" for i in range(topo.n)]
-        return DraftTree(topo, toks, kinds, None)
+        subs, sub_toks, sub_provs, kept_rows = [], [], [], []
+        for b in range(B):
+            t = topo if max_depth[b] >= depth else topo.truncate(max(0, max_depth[b]))
+            kept = [i for i in range(t.n) if keep[b][i]]
+            sub = t.select(kept)
+            subs.append(sub)
+            kept_rows.append(kept)
+            sub_toks.append(toks[b, kept].tolist())
+            sub_provs.append([provs[i] for i in kept])
+        T = bucket_for(self.buckets, max(s.n for s in subs))
+        dp = None
+        if sampled:
+            dp = torch.zeros(B, T, self.vocab, dtype=torch.float64)
+            for b, kept in enumerate(kept_rows):
+                dp[b, :len(kept)] = probs[b, kept]
+        return TreeBatch.build(subs, sub_toks, sub_provs, T, dp)

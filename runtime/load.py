@@ -10,8 +10,9 @@ from typing import Callable, Optional
 import torch
 from tokenizers import Tokenizer
 
-from runtime.decode import DecodeResult, SamplingParams, StepState, decode
-from runtime.drafters import ModelDrafter, NoDrafter, PromptLookupDrafter
+from runtime.decode import DecodeResult, Engine, Request, SamplingParams, StepState
+from runtime.drafters import ModelDrafter, NoDrafter
+from runtime.lookup import PromptLookupDrafter
 from runtime.models import mamba2
 from runtime.models.checkpoint import load_llama, read_eos_ids
 from runtime import vocab_trim
@@ -47,53 +48,70 @@ class Runtime:
     target: object
     """LlamaModel or Mamba2LMModel."""
     cache: object
-    """KVCache or SSMCache, sized from the plan."""
+    """KVCache or SSMCache, sized from the plan: one row per request decoded together."""
     drafter: object
     tokenizer: Tokenizer
     eos_ids: tuple[int, ...]
     sampling: SamplingParams
 
+    @property
+    def batch_size(self) -> int:
+        return self.cache.rows
+
+    def request(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> Request:
+        """A request with the plan's sampling; drafting and acceptance draw from separate generators
+        derived from `seed`."""
+        return Request(list(prompt_ids), max_new_tokens, self.sampling, torch.Generator().manual_seed(2 * seed),
+                       torch.Generator().manual_seed(2 * seed + 1))
+
+    def engine(self, on_step: Optional[Callable[[StepState], None]] = None) -> Engine:
+        return Engine(self.target, self.cache, self.drafter, max_seq_len=self.plan.max_seq_len, eos_ids=self.eos_ids,
+                      kv_window=self.plan.kv_window, on_step=on_step)
+
     def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0,
                  on_step: Optional[Callable[[StepState], None]] = None) -> DecodeResult:
-        """One request. Drafting and acceptance draw from separate generators derived from `seed`."""
-        draft_gen = torch.Generator().manual_seed(2 * seed)
-        verify_gen = torch.Generator().manual_seed(2 * seed + 1)
-        return decode(self.target, self.cache, self.drafter, prompt_ids, max_new_tokens=max_new_tokens,
-                      max_seq_len=self.plan.max_seq_len, eos_ids=self.eos_ids, sampling=self.sampling,
-                      draft_gen=draft_gen, verify_gen=verify_gen, on_step=on_step)
+        """One request."""
+        return self.engine(on_step).generate([self.request(prompt_ids, max_new_tokens, seed)])[0]
+
+    def generate_many(self, requests: list[Request]) -> list[DecodeResult]:
+        """Many requests, `batch_size` at a time (continuous batching in order)."""
+        return self.engine().generate(requests)
 
     def with_drafter(self, drafter) -> "Runtime":
         """The same target and cache with another drafter (bench runs the baseline this way)."""
         return Runtime(self.plan, self.target, self.cache, drafter, self.tokenizer, self.eos_ids, self.sampling)
 
 
-def new_cache(model, plan: Plan):
-    """A cache of plan.cache_capacity slots; SSM caches also keep per-node scratch states for one tree."""
+def new_cache(model, plan: Plan, rows: int = 1):
+    """A cache of `rows` rows of plan.cache_capacity slots; SSM caches also keep per-node scratch states for
+    one tree per row."""
     if isinstance(model, mamba2.Mamba2LMModel):
-        return model.new_cache(1, plan.cache_capacity, num_scratch=len(plan.tree_parents) + 1)
-    return model.new_cache(1, plan.cache_capacity)
+        return model.new_cache(rows, plan.cache_capacity, num_scratch=len(plan.tree_parents) + 1)
+    return model.new_cache(rows, plan.cache_capacity)
 
 
-def make_drafter(plan: Plan, target, cache=None, tokenizer=None, eos_ids: tuple[int, ...] = ()):
-    """The plan's drafter. A VocabTrim plan also needs the target, its cache (calibration runs the target
-    when no calibration file exists yet), the tokenizer and the EOS ids."""
+def make_drafter(plan: Plan, target, cache=None, tokenizer=None, eos_ids: tuple[int, ...] = (), rows: int = 1):
+    """The plan's drafter for `rows` cache rows. A VocabTrim plan also needs the target, its cache (calibration
+    runs the target when no calibration file exists yet), the tokenizer and the EOS ids."""
     topo = TreeTopology(plan.tree_parents)
     if plan.drafter_kind == "none":
         return NoDrafter()
     if plan.drafter_kind == "prompt_lookup":
-        return PromptLookupDrafter(topo, *plan.prompt_lookup)
+        return PromptLookupDrafter(topo, *plan.prompt_lookup, rows=rows)
     model = build_model(plan.drafter, plan.device, target)
     s2t = None
     if plan.vocab_trim is not None:
         s2t, _ = vocab_trim.resolve(plan, target, cache, tokenizer, eos_ids, model.config.vocab_size)
         trim_lm_head(model, s2t)
     return ModelDrafter(model, topo, plan.cache_capacity, ChildKind(plan.child_kind), plan.drafter_temperature,
-                        target.config.vocab_size, cache=new_cache(model, plan), s2t=s2t)
+                        target.config.vocab_size, rows=rows, s2t=s2t, kv_window=plan.kv_window,
+                        cache=new_cache(model, plan, rows))
 
 
-def load(plan: Plan) -> Runtime:
+def load(plan: Plan, batch_size: int = 1) -> Runtime:
+    """The plan's models, with caches for `batch_size` requests decoded together."""
     target = build_model(plan.target, plan.device)
-    cache = new_cache(target, plan)
+    cache = new_cache(target, plan, batch_size)
     tokenizer = get_tokenizer(plan.tokenizer)
     if plan.target.source == "checkpoint":
         eos = tuple(read_eos_ids(plan.target.checkpoint))
@@ -101,4 +119,5 @@ def load(plan: Plan) -> Runtime:
         eot = tokenizer.token_to_id(EOT)
         eos = (eot,) if eot is not None and eot < target.config.vocab_size else ()
     sampling = SamplingParams(plan.temperature, plan.top_k, plan.top_p, AcceptanceRule(plan.acceptance))
-    return Runtime(plan, target, cache, make_drafter(plan, target, cache, tokenizer, eos), tokenizer, eos, sampling)
+    drafter = make_drafter(plan, target, cache, tokenizer, eos, rows=batch_size)
+    return Runtime(plan, target, cache, drafter, tokenizer, eos, sampling)

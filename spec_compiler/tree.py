@@ -35,6 +35,15 @@ class Provenance(enum.IntEnum):
     """Padding up to a size bucket: never accepted."""
 
 
+def tree_buckets(n: int) -> tuple[int, ...]:
+    """Tree sizes a verify forward is padded to: powers of two below n, and n (one compiled shape each)."""
+    out, b = [], 1
+    while b < n:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (n,)
+
+
 @dataclass(frozen=True)
 class TreeTopology:
     parents: tuple[int, ...]
