@@ -38,6 +38,9 @@ class NoDrafter:
     def move(self, src: int, dst: int) -> None:
         pass
 
+    def with_rows(self, rows: int) -> "NoDrafter":
+        return self
+
     def propose(self, rows: Sequence, max_depth: Sequence[int]) -> TreeBatch:
         return TreeBatch.roots([r.tokens[-1] for r in rows])
 
@@ -76,6 +79,13 @@ class ModelDrafter:
     def move(self, src: int, dst: int) -> None:
         self.cache.copy_row(src, dst)
         self.cached[dst] = self.cached[src]
+
+    def with_rows(self, rows: int) -> "ModelDrafter":
+        """The same model and tree with a cache of `rows` rows (like this one's: same slots and scratch)."""
+        cache = self.model.new_cache(rows, self.cache.capacity, **(
+            {"num_scratch": self.cache.num_scratch} if hasattr(self.cache, "num_scratch") else {}))
+        return ModelDrafter(self.model, self.topology, self.cache.capacity, self.kind, self.temperature, self.vocab,
+                            rows, self.s2t, self.kv_window, cache)
 
     # ---- drafting ------------------------------------------------------------------------------------
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ Nothing here reads the user config; everything comes from the frozen `Plan`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -14,13 +14,15 @@ from runtime.decode import DecodeResult, Engine, Request, SamplingParams, StepSt
 from runtime.drafters import ModelDrafter, NoDrafter
 from runtime.lookup import PromptLookupDrafter
 from runtime.models import mamba2
-from runtime.models.checkpoint import load_llama, read_eos_ids
+from runtime.models.checkpoint import load_llama
 from runtime import vocab_trim
 from runtime.models.llama import LlamaConfig, LlamaModel, init_random, perturbed_copy, trim_lm_head
 from runtime.models.mamba_checkpoint import load_mamba2
-from runtime.sampling import AcceptanceRule, ChildKind
-from runtime.tokenizer import EOT, get_tokenizer
+from runtime.transforms import TransformReport, transform_models
+from spec_compiler.checkpoint import read_eos_ids
 from spec_compiler.plan import ModelPlan, Plan
+from spec_compiler.schema import AcceptanceRule, ChildKind
+from spec_compiler.tokenizer import EOT, get_tokenizer
 from spec_compiler.tree import TreeTopology
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,6 +55,8 @@ class Runtime:
     tokenizer: Tokenizer
     eos_ids: tuple[int, ...]
     sampling: SamplingParams
+    transforms: dict[str, TransformReport] = field(default_factory=dict)
+    """The CPU fast paths applied at load time, per model ("target", "drafter"): runtime/transforms.py."""
 
     @property
     def batch_size(self) -> int:
@@ -80,6 +84,13 @@ class Runtime:
     def with_drafter(self, drafter) -> "Runtime":
         """The same target and cache with another drafter (bench runs the baseline this way)."""
         return Runtime(self.plan, self.target, self.cache, drafter, self.tokenizer, self.eos_ids, self.sampling)
+
+    def with_batch_size(self, rows: int) -> "Runtime":
+        """The same models with caches for `rows` requests decoded together."""
+        if rows == self.batch_size:
+            return self
+        return Runtime(self.plan, self.target, new_cache(self.target, self.plan, rows), self.drafter.with_rows(rows),
+                       self.tokenizer, self.eos_ids, self.sampling)
 
 
 def new_cache(model, plan: Plan, rows: int = 1):
@@ -120,4 +131,5 @@ def load(plan: Plan, batch_size: int = 1) -> Runtime:
         eos = (eot,) if eot is not None and eot < target.config.vocab_size else ()
     sampling = SamplingParams(plan.temperature, plan.top_k, plan.top_p, AcceptanceRule(plan.acceptance))
     drafter = make_drafter(plan, target, cache, tokenizer, eos, rows=batch_size)
-    return Runtime(plan, target, cache, drafter, tokenizer, eos, sampling)
+    transforms = transform_models(plan.cpu_transforms, target=target, drafter=getattr(drafter, "model", None))
+    return Runtime(plan, target, cache, drafter, tokenizer, eos, sampling, transforms)

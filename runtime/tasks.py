@@ -64,17 +64,33 @@ def read_question_file(file: str, key: str) -> list[Question]:
 
 def answer(rt: Runtime, q: Question, max_new_tokens: int, seed: int) -> tuple[list[str], list[DecodeResult]]:
     """Decode every turn of a question; later turns see the earlier turns and the generated ids."""
-    context, texts, results = [], [], []
-    for i, turn in enumerate(q.turns):
-        context += rt.tokenizer.encode(("\n" if i else "") + turn).ids
+    return answer_batch(rt, [q], max_new_tokens, seed)[0]
+
+
+def answer_batch(rt: Runtime, qs: list[Question], max_new_tokens: int,
+                 seed: int) -> list[tuple[list[str], list[DecodeResult]]]:
+    """Every turn of every question, decoded `rt.batch_size` requests at a time: turn t of all questions
+    together (each sees its own earlier turns and generated ids). Every request uses `seed`, so a
+    question's answer does not depend on the batch it ran in."""
+    contexts: list[list[int]] = [[] for _ in qs]
+    out: list[tuple[list[str], list[DecodeResult]]] = [([], []) for _ in qs]
+    for t in range(max(len(q.turns) for q in qs)):
+        live = [i for i, q in enumerate(qs) if t < len(q.turns)]
+        reqs = []
+        for i in live:
+            contexts[i] += rt.tokenizer.encode(("\n" if t else "") + qs[i].turns[t]).ids
+            reqs.append(rt.request(contexts[i], max_new_tokens, seed))
         try:
-            r = rt.generate(context, max_new_tokens, seed)
+            results = rt.generate_many(reqs)
         except InputError as e:
-            raise InputError(f"question {q.question_id}", e.reason) from None
-        context += r.output_ids
-        texts.append(rt.tokenizer.decode(r.output_ids))
-        results.append(r)
-    return texts, results
+            bad = next((qs[i].question_id for i in live if len(contexts[i]) >= rt.plan.max_seq_len or not contexts[i]),
+                       qs[live[0]].question_id)
+            raise InputError(f"question {bad}", e.reason) from None
+        for i, r in zip(live, results):
+            contexts[i] += r.output_ids
+            out[i][0].append(rt.tokenizer.decode(r.output_ids))
+            out[i][1].append(r)
+    return out
 
 
 def _answer_row(rt: Runtime, q: Question, texts: list[str], results: list[DecodeResult]) -> dict:
@@ -129,10 +145,12 @@ def run_generate(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     qs = read_questions(cfg)
     results, rows = [], []
-    for q in qs:
-        texts, rs = answer(rt, q, cfg.task.max_new_tokens, cfg.sampling.seed)
-        rows.append(_answer_row(rt, q, texts, rs))
-        results += rs
+    step = rt.batch_size
+    for lo in range(0, len(qs), step):  # a batch of questions at a time
+        chunk = qs[lo:lo + step]
+        for q, (texts, rs) in zip(chunk, answer_batch(rt, chunk, cfg.task.max_new_tokens, cfg.sampling.seed)):
+            rows.append(_answer_row(rt, q, texts, rs))
+            results += rs
     answers = out / f"answers-{rt.plan.readable_name}.jsonl"
     answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = {"method": rt.plan.name, **summarize(results)}
@@ -176,10 +194,11 @@ def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
             r["speedup"] = r["tokens_per_s"] / crow[0]["tokens_per_s"] if crow[0]["tokens_per_s"] else 0.0
         cats += crow
     env = _environment(rt)
+    batch_rows = bench_batch_sizes(rt, qs, cfg) if cfg.task.batch_sizes else []
     report = {"plan": rt.plan.to_dict(), "plan_hash": rt.plan.plan_hash(), "environment": env,
               "num_prompts": len(qs), "repeats": cfg.task.repeats, "max_new_tokens": cfg.task.max_new_tokens,
               "greedy": rt.plan.greedy, "outputs_equal_to_baseline": f"{equal}/{len(qs)}",
-              "methods": rows, "per_category": cats}
+              "methods": rows, "per_category": cats, "batch_sizes": batch_rows}
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     cols = SUMMARY_COLS[:5] + [("speedup", "speedup")] + SUMMARY_COLS[5:]
     md = [f"# bench: {rt.plan.name}", "",
@@ -191,6 +210,11 @@ def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
           f"command: `{env['command']}`", "",
           markdown_table(rows, cols), "", "## Per category", "",
           markdown_table(cats, [("category", "category")] + cols)]
+    if batch_rows:
+        md += ["", "## Batch sizes", "",
+               "Throughput = new tokens of all prompts / wall time of the batched run (continuous batching); "
+               "each batch size runs both methods in turn, chunk by chunk.", "",
+               markdown_table(batch_rows, BATCH_COLS)]
     (out / "bench.md").write_text("\n".join(md) + "\n")
     _plot(rows, out / "bench.png")
     if len(qs) == 1 and len(qs[0].turns) == 1:  # a single prompt (the demo): show what was generated
@@ -199,6 +223,41 @@ def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
     print(f"bench: {out / 'bench.md'}")
     method = rows[-1]
     return {"task": "bench", "plan_hash": rt.plan.plan_hash(), **method}
+
+
+BATCH_COLS = [("batch", "batch_size"), ("method", "method"), ("new tokens", "new_tokens"), ("tau", "tau"),
+              ("tok/s", "throughput"), ("vs batch 1", "vs_batch_1"), ("speedup vs AR", "speedup"),
+              ("equal to batch 1", "equal_to_batch_1")]
+
+
+def bench_batch_sizes(rt: Runtime, qs: list[Question], cfg: SpecConfig) -> list[dict]:
+    """Aggregate throughput of the baseline and the method at every `task.batch_sizes` entry, same run: per
+    batch size, both methods decode the same chunks of prompts in turn (interleaved per chunk)."""
+    rows, first = [], {}
+    for B in cfg.task.batch_sizes:
+        sized = rt.with_batch_size(B)
+        methods = {"autoregressive": sized.with_drafter(NoDrafter()),
+                   rt.plan.name: sized}
+        wall = {k: 0.0 for k in methods}
+        res: dict[str, list[DecodeResult]] = {k: [] for k in methods}
+        for lo in range(0, len(qs), B):
+            chunk = qs[lo:lo + B]
+            for name, m in methods.items():
+                t0 = time.perf_counter()
+                out = answer_batch(m, chunk, cfg.task.max_new_tokens, cfg.sampling.seed)
+                wall[name] += time.perf_counter() - t0
+                res[name] += [r for _, rs in out for r in rs]
+        for name in methods:
+            new = sum(len(r.output_ids) for r in res[name])
+            ids = [r.output_ids for r in res[name]]
+            first.setdefault(name, (new / wall[name], ids))
+            rows.append({"batch_size": B, "method": name, "new_tokens": new,
+                         "tau": new / max(1, sum(r.steps for r in res[name])), "throughput": new / wall[name],
+                         "vs_batch_1": new / wall[name] / first[name][0],
+                         "equal_to_batch_1": ids == first[name][1]})
+        rows[-1]["speedup"] = rows[-1]["throughput"] / rows[-2]["throughput"]
+        rows[-2]["speedup"] = 1.0
+    return rows
 
 
 def _environment(rt: Runtime) -> dict:
