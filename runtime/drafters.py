@@ -54,13 +54,17 @@ class ModelDrafter:
         column when the model's head is trimmed (VocabTrim, runtime.models.llama.trim_lm_head), else None."""
         assert topology.is_level_ordered, "drafting fills one level per forward"
         self.model, self.topology, self.kind = model, topology, ChildKind(child_kind)
-        self.prov = PROVENANCE[self.kind]
         self.temperature, self.vocab, self.kv_window = temperature, target_vocab, kv_window
         self.device = next(model.parameters()).device
         self.cache = cache if cache is not None else model.new_cache(rows, capacity)
         self.cached = [0] * self.cache.rows  # row b: slots [0, cached[b]) hold the KV of tokens[0:cached[b]]
         self.s2t = s2t.cpu() if s2t is not None else None
         self.buckets = tree_buckets(topology.n)
+
+    @property
+    def prov(self) -> Provenance:
+        """How this drafter's children are made."""
+        return PROVENANCE[self.kind]
 
     def _kv_len(self, need: int) -> int:
         return need if self.kv_window == "live" else self.cache.capacity

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from runtime.decode import SamplingParams, decode, per_position_acceptance
-from runtime.drafters import ModelDrafter, NoDrafter, PromptLookupDrafter
+from runtime.drafters import ModelDrafter, NoDrafter
+from runtime.lookup import PromptLookupDrafter
 from runtime.models.llama import LlamaConfig, init_random, perturbed_copy
 from runtime.sampling import ChildKind
 from spec_compiler.tree import TreeTopology
@@ -34,7 +35,7 @@ def make_drafter(kind: str, target, topo: TreeTopology):
     if kind == "none":
         return NoDrafter()
     if kind == "prompt_lookup":
-        return PromptLookupDrafter(topo, 1, 3, 8)
+        return PromptLookupDrafter(topo, 1, 3, 8, rows=1)
     model = {"copy": lambda: perturbed_copy(target, 0.0, 0),
              "random": lambda: init_random(CFG, seed=123),
              "noised": lambda: perturbed_copy(target, 0.1, 7)}[kind]()
@@ -133,17 +134,6 @@ def test_cache_equals_fresh_prefill_after_every_step(target, prompt, kind, tree)
     assert len(checked) > 3
     if kind in ("noised", "copy"):
         assert max(checked) > 1  # some steps accepted drafts, so compaction was exercised
-
-
-def test_prompt_lookup_drafts_from_earlier_text():
-    d = PromptLookupDrafter(TreeTopology.chain(4), 1, 3, 8)
-    tree = d.propose([5, 6, 7, 8, 9, 1, 5, 6, 7], max_depth=4, gen=None)
-    assert tree.tokens == [7, 8, 9, 1, 5]  # matched "5 6 7", continuation "8 9 1 5"
-    d2 = PromptLookupDrafter(TreeTopology.static([2, 1, 1]), 1, 3, 8)
-    tree2 = d2.propose([1, 2, 3, 9, 1, 2, 4, 9, 1, 2], max_depth=3, gen=None)
-    # "9 1 2" matches once (-> 4 9 1); the shorter "1 2" adds the older continuation 3 9 1
-    assert sorted(tree2.tokens[i] for i in tree2.topology.children[0]) == [3, 4]
-    assert d.propose([1, 2, 3], max_depth=4, gen=None).n == 1  # no match: root only
 
 
 def test_prompt_longer_than_context_is_refused(target):
