@@ -2,8 +2,8 @@
 
 A tree of `n` nodes is a tuple of parents in topological order: `parents[0] == -1` (node 0 is the root:
 the last committed token, not yet in the target's cache) and `parents[i] < i`. Everything else (depths,
-children, the ancestor-or-self mask, its per-row bitsets, position ids, root-to-leaf paths) is derived
-here and nowhere else.
+children, the ancestor-or-self rows, their bitsets, root-to-leaf paths) is derived here and nowhere else;
+`runtime.batch` turns them into tensors. Pure Python: the planner and validator use it without torch.
 
 Static policies (`chain`, `static`) are built in breadth-first order, so every level is a contiguous
 range of node ids; drafters fill a level in one forward.
@@ -11,11 +11,10 @@ range of node ids; drafters fill a level in one forward.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Sequence
 
-import torch
 
 
 class Provenance(enum.IntEnum):
@@ -138,24 +137,9 @@ class TreeTopology:
     def ancestor_rows(self) -> tuple[tuple[bool, ...], ...]:
         return tuple(tuple(j in set(self.path(i)) for j in range(self.n)) for i in range(self.n))
 
-    def ancestor_mask(self, device=None) -> torch.Tensor:
-        """[n, n] bool: M[i, j] iff j is on the root->i path (ancestor-or-self). A fresh tensor per call
-        (built from rows computed once per topology: decoding asks for it every step)."""
-        return torch.tensor(self.ancestor_rows, dtype=torch.bool, device=device)
-
     def bitsets(self) -> tuple[int, ...]:
         """Per-row ancestor-or-self bitsets (bit j set iff j is on root->i); kernels use 64-bit words."""
         return tuple(sum(1 << j for j in self.path(i)) for i in range(self.n))
-
-    def position_ids(self, offset: int, device=None) -> torch.Tensor:
-        """[n] long: offset + depth (offset = tokens already in the target's cache)."""
-        return torch.tensor(self.depth, dtype=torch.long, device=device).add_(offset)
-
-    def attention_mask(self, prefix_len: int, device=None) -> torch.Tensor:
-        """[n, prefix_len + n] bool: every node sees the whole prefix and its own ancestors."""
-        m = torch.ones(self.n, prefix_len + self.n, dtype=torch.bool, device=device)
-        m[:, prefix_len:] = self.ancestor_mask(device)
-        return m
 
     # ---- pruning -----------------------------------------------------------------------------------
     def select(self, nodes: Sequence[int]) -> "TreeTopology":
@@ -177,32 +161,6 @@ class TreeTopology:
         if max_depth not in cache:
             cache[max_depth] = self.select([i for i in range(self.n) if self.depth[i] <= max_depth])
         return cache[max_depth]
-
-
-@dataclass
-class DraftTree:
-    """A proposed token tree for one request, as the verifier consumes it.
-
-    Node 0 is the root: the last committed token. For a node with children, `draft_probs[i]` is the
-    drafter distribution the children were generated from (None for deterministic drafters) and
-    `child_kind[i]` says how: ALGORITHMS.md §0.3 derives each child's proposal from these two.
-    """
-
-    topology: TreeTopology
-    tokens: list[int]
-    """[n] token id per node."""
-    child_kind: list[str] = field(default_factory=list)
-    """[n] 'deterministic' | 'iid' | 'wor' (how node i's children were made); '' for leaves."""
-    draft_probs: torch.Tensor | None = None
-    """[n, V] float64 drafter distribution at each node (rows of leaves unused), or None."""
-
-    @staticmethod
-    def root_only(token: int) -> "DraftTree":
-        return DraftTree(TreeTopology((-1,)), [int(token)], [""], None)
-
-    @property
-    def n(self) -> int:
-        return self.topology.n
 
 
 _ROOT_ONLY = TreeTopology((-1,))

@@ -21,7 +21,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from codegen.kv_compact import KVCompactSpec, kv_compact, kv_compact_ref  # noqa: E402
 from runtime.models.llama import KVCache, LlamaConfig, init_random  # noqa: E402
-from spec_compiler.tree import TreeTopology  # noqa: E402
+from runtime.batch import Block, TreeBatch  # noqa: E402
+from spec_compiler.tree import Provenance, TreeTopology  # noqa: E402
 from tests.codegen.test_tree_attention import tree_topologies  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,7 +112,9 @@ def test_compaction_equals_prefill_of_the_path():
     with torch.no_grad():
         cache = model.new_cache(1, C)
         model(prefix, torch.arange(P)[None], cache, 0)
-        model(nodes, topo.position_ids(P)[None], cache, P, topo.attention_mask(P))
+        tree = TreeBatch.build([topo], nodes.tolist(), [[Provenance.root] + [Provenance.topk] * (topo.n - 1)], topo.n)
+        block = Block.tree(torch.tensor([P]), tree, C)
+        model(nodes, block.positions, cache, block)
         path = topo.path(topo.leaves[-1])
         k, v = cache.k.clone().to(DEVICE), cache.v.clone().to(DEVICE)
         kv_compact(k, v, torch.tensor(path, device=DEVICE) + P, len(path), P)

@@ -13,6 +13,11 @@ from hypothesis import strategies as st
 
 from spec_compiler.tree import TreeTopology
 
+
+def ancestor_mask(t: TreeTopology) -> torch.Tensor:
+    """[n, n] bool from the topology's ancestor rows (what the runtime builds its tensors from)."""
+    return torch.tensor(t.ancestor_rows, dtype=torch.bool)
+
 MAX_DEPTH = 6
 MAX_BRANCH = 4
 
@@ -98,10 +103,8 @@ def test_single_node_tree():
     assert t.n == 1 and t.depth == (0,) and t.max_depth == 0
     assert t.children == ((),) and t.leaves == (0,) and t.levels == ((0,),)
     assert t.root_to_leaf_paths() == ((0,),)
-    assert t.ancestor_mask().tolist() == [[True]]
+    assert t.ancestor_rows == ((True,),)
     assert t.bitsets() == (1,)
-    assert t.position_ids(7).tolist() == [7]
-    assert t.attention_mask(3).tolist() == [[True, True, True, True]]
     assert t.is_level_ordered
     assert t.truncate(0) == t and t.select([0]) == t
 
@@ -128,7 +131,7 @@ def test_depth_children_levels(t: TreeTopology):
 @SETTINGS
 @given(trees)
 def test_ancestor_mask_is_the_path_relation(t: TreeTopology):
-    m = t.ancestor_mask()
+    m = ancestor_mask(t)
     assert m.shape == (t.n, t.n) and m.dtype == torch.bool
     # equals the path relation, computed independently
     ref = torch.zeros(t.n, t.n, dtype=torch.bool)
@@ -160,7 +163,7 @@ def test_ancestor_mask_is_the_path_relation(t: TreeTopology):
 @SETTINGS
 @given(trees)
 def test_bitsets_match_mask(t: TreeTopology):
-    m = t.ancestor_mask()
+    m = ancestor_mask(t)
     bits = t.bitsets()
     assert len(bits) == t.n
     for i, b in enumerate(bits):
@@ -172,19 +175,8 @@ def test_bitsets_match_mask(t: TreeTopology):
 
 @SETTINGS
 @given(trees, st.integers(0, 10_000))
-def test_position_ids_are_offset_plus_depth(t: TreeTopology, offset: int):
-    pos = t.position_ids(offset)
-    assert pos.dtype == torch.long and pos.shape == (t.n,)
-    assert pos.tolist() == [offset + d for d in ref_depth(t.parents)]
-
-
-@SETTINGS
-@given(trees, st.integers(0, 9))
-def test_attention_mask_prefix_columns(t: TreeTopology, prefix_len: int):
-    am = t.attention_mask(prefix_len)
-    assert am.shape == (t.n, prefix_len + t.n) and am.dtype == torch.bool
-    assert am[:, :prefix_len].all()
-    assert torch.equal(am[:, prefix_len:], t.ancestor_mask())
+def test_depth_is_the_path_length(t: TreeTopology, offset: int):
+    assert list(t.depth) == ref_depth(t.parents)
 
 
 @SETTINGS
@@ -218,7 +210,7 @@ def test_chain(k):
     assert t.levels == tuple((i,) for i in range(k + 1))
     assert t.is_level_ordered
     assert t.root_to_leaf_paths() == (tuple(range(k + 1)),)
-    assert torch.equal(t.ancestor_mask(), torch.ones(k + 1, k + 1, dtype=torch.bool).tril())
+    assert torch.equal(ancestor_mask(t), torch.ones(k + 1, k + 1, dtype=torch.bool).tril())
 
 
 def _check_static(t: TreeTopology, branching):
@@ -275,7 +267,7 @@ def _check_renumbered(t: TreeTopology, sub: TreeTopology, nodes: list[int]):
         assert tuple(orig) == t.path(orig[-1])
     # the mask of the sub-tree is the restriction of the original mask
     idx = torch.tensor(nodes)
-    assert torch.equal(sub.ancestor_mask(), t.ancestor_mask()[idx][:, idx])
+    assert torch.equal(ancestor_mask(sub), ancestor_mask(t)[idx][:, idx])
 
 
 @SETTINGS
