@@ -1,4 +1,4 @@
-"""Target distributions and the one verifier rule (ALGORITHMS.md §0.2-0.3).
+"""Target distributions, drafter child sampling, and acceptance for the batched step (ALGORITHMS.md §0.2-0.3).
 
 Terminology (as in vLLM's rejection sampler):
 - *accepted* tokens: draft nodes on the verified path, each accepted by the node-level rule;
@@ -7,63 +7,68 @@ Terminology (as in vLLM's rejection sampler):
 Each step emits `len(accepted) + 1` tokens (τ counts the bonus).
 
 `q` below is the target's distribution after temperature, top-k and top-p; `p` is the drafter
-distribution that generated a node's children. A child's *proposal* `r_k` follows from how it was made:
-deterministic -> δ(x_k); i.i.d. -> p; without replacement -> p with earlier siblings removed and
-renormalised. The node rule is recursive rejection sampling (RRS): accept child k with probability
-min(1, res[x_k] / r_k[x_k]), otherwise res <- normalize(max(res - r_k, 0)) and try the next child; after
-the last child, draw from res. Lossless whenever r_k is the law child k was really drawn from.
+distribution that generated a node's children (`TreeBatch.draft_probs` at the parent). A child's
+*proposal* `r` follows from its own provenance (`spec_compiler.tree.Provenance`): topk / retrieved ->
+δ(x); iid -> p; wor -> p with the earlier WOR siblings' tokens removed, renormalised. One parent may mix
+them (sampled children first, then retrieved ones). The node rule is recursive rejection sampling (RRS):
+accept child k with probability min(1, res[x_k] / r_k[x_k]), otherwise res <- normalize(max(res - r_k, 0))
+and try the next child; after the last child, draw from res. Lossless whenever r_k is the law child k was
+really drawn from. `child_proposal` and `rrs_step` are the single implementation of that rule, on tensors
+of any leading shape: the batched acceptance (`accept_sampled`, rows at once) and the per-row reference
+walk (`walk_sampled`) both call them.
 
-`rrs_step` and `child_proposal` are the single implementation of that rule: the sampled verifier walks
-the tree with them, and the exact-enumeration tests enumerate over them.
+Randomness: every random decision of a walk goes through a *chooser*. In the engine the chooser reads a
+fixed block of uniforms per row (`draw_uniforms`: column i drives node i's acceptance test, column 0 the
+final draw), so a request consumes the same randomness whatever its batch, and the batched and reference
+walks given the same uniforms make identical decisions. The exact-enumeration tests pass a chooser that
+enumerates every outcome with its probability instead.
+
+Shape legend: B rows, T nodes (bucket), V vocabulary.
 """
 from __future__ import annotations
 
-import enum
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
 
 import torch
+from torch import Tensor
 
+from runtime.batch import TreeBatch
 from spec_compiler.errors import InputError
-from spec_compiler.tree import DraftTree
+from spec_compiler.schema import AcceptanceRule, ChildKind
+from spec_compiler.tree import Provenance
 
+__all__ = ["AcceptanceRule", "ChildKind", "NumericsError", "SamplingParams", "target_probs", "row_target_probs",
+           "check_finite", "greedy_token", "child_proposal", "removes_later", "rrs_step", "inverse_cdf",
+           "draw_uniforms", "Uniforms", "accept_greedy", "walk_greedy", "accept_sampled", "walk_sampled",
+           "accept", "DraftSampler", "TorchDraftSampler"]
 
-# Lower-case names are canonical (config files spell them so); upper-case names are aliases.
-class ChildKind(str, enum.Enum):
-    deterministic = "deterministic"
-    """top-k / static / retrieval / n-gram pick: proposal δ(x)."""
-    iid = "iid"
-    """sampled with replacement from p: proposal p for every sibling."""
-    wor = "wor"
-    """sampled without replacement (Gumbel-top-k): p minus earlier siblings, renormalised."""
-    DETERMINISTIC = "deterministic"
-    IID = "iid"
-    WOR = "wor"
-
-
-class AcceptanceRule(str, enum.Enum):
-    auto = "auto"
-    """RRS with each child's true proposal (derived from ChildKind). Always lossless."""
-    sample_match = "sample_match"
-    """Draw y ~ q at each node and follow the child equal to y. Always lossless, accepts less."""
-    rrs_draft_probs = "rrs_draft_probs"
-    """RRS using the raw drafter p for every child. Lossless only for i.i.d. children."""
-    rrs_wor = "rrs_wor"
-    """RRS using p minus earlier siblings for every child. Lossless only for WOR children."""
-    AUTO = "auto"
-    SAMPLE_MATCH = "sample_match"
-    RRS_DRAFT_PROBS = "rrs_draft_probs"
-    RRS_WOR = "rrs_wor"
+TOPK, IID, WOR, RETRIEVED = int(Provenance.topk), int(Provenance.iid), int(Provenance.wor), int(Provenance.retrieved)
 
 
 class NumericsError(InputError):
     """Non-finite or empty distributions: fail closed rather than emit a wrong token."""
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling settings (temperature 0: greedy)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    acceptance: AcceptanceRule = AcceptanceRule.auto
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # target distribution
 # ---------------------------------------------------------------------------------------------------
-def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def target_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """logits [..., V] -> q [..., V] float64 after temperature, top-k (0 = off), top-p (1.0 = off).
 
     Top-k keeps ties at the k-th value out; top-p keeps the smallest prefix of the sorted
@@ -89,7 +94,20 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p
     return q
 
 
-def check_finite(logits: torch.Tensor) -> None:
+def row_target_probs(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """logits [B, T, V] -> q [B, T, V] float64, row b under params[b] (rows with equal settings together)."""
+    groups: dict[tuple, list[int]] = {}
+    for b, sp in enumerate(params):
+        groups.setdefault((sp.temperature, sp.top_k, sp.top_p), []).append(b)
+    if len(groups) == 1:
+        return target_probs(logits, *next(iter(groups)))
+    q = torch.empty(logits.shape, dtype=torch.float64)
+    for key, rows in groups.items():
+        q[rows] = target_probs(logits[rows], *key)
+    return q
+
+
+def check_finite(logits: Tensor) -> None:
     """Raise NumericsError if any value is NaN or +-Inf. One min/max pass (NaN propagates into both): on
     CPU an order of magnitude cheaper than isfinite().all() over a [n, V] block, and every step runs it."""
     lo, hi = torch.aminmax(logits)
@@ -97,117 +115,307 @@ def check_finite(logits: torch.Tensor) -> None:
         raise NumericsError("logits", "non-finite target logits (NaN or Inf)")
 
 
-def greedy_token(logits: torch.Tensor) -> int:
+def greedy_token(logits: Tensor) -> int:
     """argmax of a [V] logit row (lowest id on exact ties)."""
     check_finite(logits)
     return int(torch.argmax(logits))
 
 
-def sample_from(probs: torch.Tensor, gen: torch.Generator | None) -> int:
-    """One draw from a [V] probability row (zero-probability ids are never drawn)."""
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
 # ---------------------------------------------------------------------------------------------------
-# the node-level rule
+# the node-level rule (any leading shape: [] in the reference walk, [B] in the batched one)
 # ---------------------------------------------------------------------------------------------------
-def child_proposal(kind: ChildKind, rule: AcceptanceRule, p: torch.Tensor, x: int,
-                   earlier: Sequence[int]) -> torch.Tensor:
-    """The proposal r_k [V] used in child k's acceptance ratio.
+def child_proposal(prov: Tensor, rule: AcceptanceRule, p: Tensor, x: Tensor, earlier: Tensor) -> Tensor:
+    """The proposal r [..., V] in a child's acceptance ratio.
 
-    kind: how the child was generated; rule: which proposal the verifier is told to use (AUTO = the
-    true one); p: drafter distribution at the parent [V] (zeros for a deterministic drafter); x: the child's token; earlier: tokens of the
-    siblings generated before it.
+    prov [...]: the child's Provenance; rule: which proposal the verifier uses (auto = the true one from
+    provenance; the others override it for every child); p [..., V]: the drafter distribution at the parent
+    (zeros for a deterministic drafter); x [...]: the child's token; earlier [..., V] bool: tokens of the
+    earlier siblings a WOR proposal removes (see `removes_later`).
     """
-    if rule is AcceptanceRule.auto:
-        rule = {ChildKind.deterministic: None, ChildKind.iid: AcceptanceRule.rrs_draft_probs,
-                ChildKind.wor: AcceptanceRule.rrs_wor}[kind]
-    if rule is None:
-        r = torch.zeros_like(p)
-        r[x] = 1.0
-        return r
     if rule is AcceptanceRule.rrs_draft_probs:
         return p
+    kept = p.masked_fill(earlier, 0.0)
+    s = kept.sum(-1, keepdim=True)
+    wor = torch.where(s > 0, kept / torch.where(s > 0, s, 1.0), kept)
     if rule is AcceptanceRule.rrs_wor:
-        r = p.clone()
-        if earlier:
-            r[list(earlier)] = 0.0
-        s = r.sum()
-        return r / s if s > 0 else r
-    raise AssertionError(f"no proposal for rule {rule}")
+        return wor
+    assert rule is AcceptanceRule.auto, f"no proposal for rule {rule}"
+    delta = torch.zeros_like(p).scatter_(-1, x.unsqueeze(-1), 1.0)
+    prov = prov.unsqueeze(-1)
+    return torch.where(prov == IID, p, torch.where(prov == WOR, wor, delta))
 
 
-def rrs_step(res: torch.Tensor, x: int, r: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+def removes_later(prov: Tensor, rule: AcceptanceRule) -> Tensor:
+    """[...] bool: a child's token leaves the proposals of its later siblings (it was a WOR draw; under
+    rrs_wor every child counts as one)."""
+    return torch.ones_like(prov, dtype=torch.bool) if rule is AcceptanceRule.rrs_wor else prov == WOR
+
+
+def rrs_step(res: Tensor, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One stage of recursive rejection sampling.
 
-    res: current residual target [V] (sums to 1); x: the child's token; r: its proposal [V].
-    Returns (probability of accepting x, residual after rejecting it). The residual is None when
-    rejection has probability zero (only rounding can reach it; the caller stops trying children).
+    res [..., V]: current residual target (sums to 1); x [...]: the child's token; r [..., V]: its proposal.
+    Returns (a [...]: probability of accepting x, res' [..., V]: the residual after rejecting it,
+    stop [...] bool: rejection has probability zero (only rounding reaches it): the walk keeps res and
+    tries no more children). A child its proposal could not have produced (r[x] = 0) is never accepted
+    and leaves res unchanged.
     """
-    rx = float(r[x])
-    if rx <= 0.0:  # the child could not have been proposed; never accept it, residual unchanged
-        return 0.0, res
-    a = min(1.0, float(res[x]) / rx)
+    rx = r.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+    qx = res.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+    ok = rx > 0
+    a = torch.where(ok, torch.clamp(qx / torch.where(ok, rx, 1.0), max=1.0), 0.0)
     m = torch.clamp(res - r, min=0.0)
-    s = float(m.sum())
-    if s <= 1e-300:
-        return a, None
-    return a, m / s
+    s = m.sum(-1)
+    stop = ok & (s <= 1e-300)
+    nxt = torch.where((ok & ~stop).unsqueeze(-1), m / torch.where(stop, 1.0, s).unsqueeze(-1), res)
+    return a, nxt, stop
+
+
+def inverse_cdf(w: Tensor, u: Tensor) -> Tensor:
+    """[...] long: the id drawn from nonnegative weights w [..., V] by one uniform u [...] in [0, 1): the
+    first id whose cumulative weight exceeds u * sum(w), so a zero-weight id is never picked (the last
+    positive id when rounding runs past the end)."""
+    c = torch.cumsum(w, -1)
+    t = (u * c[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(c, t, right=True).squeeze(-1)
+    V = w.shape[-1]
+    last = V - 1 - torch.argmax((w.flip(-1) > 0).to(torch.uint8), dim=-1)
+    return torch.where(idx < V, idx, last)
 
 
 # ---------------------------------------------------------------------------------------------------
-# the verification walk
+# randomness
 # ---------------------------------------------------------------------------------------------------
-def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
-    """Greedy walk. logits [n, V]: the target's logits at each node.
+def draw_uniforms(gens: Sequence[Optional[torch.Generator]], T: int) -> Tensor:
+    """[B, T] float64 uniforms for one step, row b from gens[b]: column i drives node i's acceptance test
+    (sample-match: node i's draw), column 0 the final (bonus / recovered) draw.
 
-    Returns (accepted path of node ids, root first) and the next token (recovered or bonus).
+    Each row takes exactly one 63-bit seed from its generator per step and expands it on a private stream,
+    whose first values do not depend on T: a request sees the same uniforms, and leaves its generator in
+    the same state, whatever its batch and the batch's size bucket."""
+    out = torch.empty(len(gens), T, dtype=torch.float64)
+    for b, g in enumerate(gens):
+        seed = int(torch.randint(0, 2 ** 63 - 1, (), generator=g, dtype=torch.int64))
+        out[b] = torch.rand(T, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return out
+
+
+class Uniforms:
+    """The engine's chooser: decisions from pre-drawn uniforms u [B, >= T] (see `draw_uniforms`).
+
+    The batched walk calls it with [B] tensors, the reference walk with one row (`Uniforms(u_b[None])`,
+    ints); both compare the same values, so they decide alike."""
+
+    def __init__(self, u: Tensor):
+        self.u = u  # [B, N] float64
+
+    def accept(self, nodes: Tensor, a: Tensor, active: Tensor) -> Tensor:
+        """[B] bool: accept child nodes[b] (acceptance probability a[b]); only `active` rows count."""
+        return self.u.gather(1, nodes.clamp(min=0)[:, None])[:, 0] < a
+
+    def draw(self, w: Tensor, nodes: Tensor, active: Tensor) -> Tensor:
+        """[B] long: an id from weights w [B, V] at node nodes[b] (sample-match)."""
+        return inverse_cdf(w, self.u.gather(1, nodes[:, None])[:, 0])
+
+    def final(self, w: Tensor) -> Tensor:
+        """[B] long: the bonus / recovered token from weights w [B, V]."""
+        return inverse_cdf(w, self.u[:, 0])
+
+
+class Chooser(Protocol):
+    def accept(self, nodes: Tensor, a: Tensor, active: Tensor) -> Tensor: ...
+
+    def draw(self, w: Tensor, nodes: Tensor, active: Tensor) -> Tensor: ...
+
+    def final(self, w: Tensor) -> Tensor: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# greedy acceptance
+# ---------------------------------------------------------------------------------------------------
+def accept_greedy(tree: TreeBatch, logits: Tensor) -> tuple[list[list[int]], list[int]]:
+    """Greedy acceptance of every row at once. logits [B, T, V]: the target's logits at each node.
+
+    y = argmax per node (lowest id on ties); a node matches iff it is real and its token is y at its
+    parent; of matching siblings only the first (lowest id) is followed; the accepted nodes are those whose
+    whole root path is followed, and the deepest one ends the path. Returns per row (accepted path of node
+    ids, root first) and the next token (recovered or bonus): `walk_greedy` row by row.
     """
-    topo, node, path = tree.topology, 0, [0]
     check_finite(logits)
+    B, T = tree.tokens.shape
+    y = torch.argmax(logits, dim=-1)  # [B, T]
+    par = tree.parents
+    y_par = y.gather(1, par.clamp(min=0))
+    match = tree.valid & (par >= 0) & (tree.tokens == y_par)  # [B, T]
+    ids = torch.arange(T)
+    earlier = match[:, None, :] & (par[:, None, :] == par[:, :, None]) & (ids[None, :] < ids[:, None])[None]
+    followed = (match & ~earlier.any(-1)) | (ids == 0)[None]  # [B, T]; the root counts as followed
+    accepted = ~(tree.anc & ~followed[:, None, :]).any(-1) & tree.valid  # [B, T]: every node on the path followed
+    deepest = torch.argmax(torch.where(accepted, tree.depth, -1), dim=1)  # [B]
+    nxt = y.gather(1, deepest[:, None])[:, 0]
+    acc = accepted.tolist()
+    return [[i for i in range(T) if row[i]] for row in acc], nxt.tolist()
+
+
+def walk_greedy(tree: TreeBatch, b: int, logits: Tensor) -> tuple[list[int], int]:
+    """Reference for row b of `accept_greedy`: walk down from the root. logits [T, V] (row b's)."""
+    check_finite(logits)
+    topo, tokens = tree.topologies[b], tree.row_tokens(b)
+    node, path = 0, [0]
     while True:
-        y = int(torch.argmax(logits[node]))  # as greedy_token (lowest id on ties); checked once above
-        nxt = next((c for c in topo.children[node] if tree.tokens[c] == y), None)
+        y = int(torch.argmax(logits[node]))
+        nxt = next((c for c in topo.children[node] if tokens[c] == y), None)
         if nxt is None:
             return path, y
         path.append(nxt)
         node = nxt
 
 
-def verify_sampling(tree: DraftTree, q: torch.Tensor, rule: AcceptanceRule,
-                    gen: torch.Generator | None) -> tuple[list[int], int]:
-    """Sampling walk (§0.2) with the RRS node rule (§0.3). q [n, V] float64: target distributions.
+# ---------------------------------------------------------------------------------------------------
+# sampled acceptance (RRS, or sample-and-match)
+# ---------------------------------------------------------------------------------------------------
+def accept_sampled(tree: TreeBatch, q: Tensor, rule: AcceptanceRule, u: Optional[Tensor] = None,
+                   chooser: Optional[Chooser] = None) -> tuple[list[list[int]], list[int]]:
+    """Sampled acceptance of every row at once (§0.2 walk, §0.3 node rule), depth level by level and
+    sibling by sibling, rows as tensors. q [B, T, V] float64: the target's distributions; u [B, >= T]
+    float64 uniforms (`draw_uniforms`), or a `chooser` deciding instead. Returns what `walk_sampled` returns
+    row by row."""
+    ch = chooser if chooser is not None else Uniforms(u)
+    B, T, V = q.shape
+    assert u is None or (u.shape[0] == B and u.shape[1] >= T), (tuple(u.shape), B, T)
+    rows, ids = torch.arange(B), torch.arange(T)
+    topos = tree.topologies
+    levels = max(t.max_depth for t in topos)
+    width = max(max(len(c) for c in t.children) for t in topos)  # most children of one node
+    cur = torch.zeros(B, dtype=torch.long)  # the node each row stands at
+    active = torch.ones(B, dtype=torch.bool)  # rows still walking
+    path = torch.full((B, levels + 1), -1, dtype=torch.long)
+    path[:, 0] = 0
+    res = q[:, 0]  # [B, V] residual at the current node
+    tok = torch.zeros(B, dtype=torch.long)  # sample-match: the draw the row stopped on
+    zeros = torch.zeros(B, V, dtype=torch.float64)
+    for d in range(levels + 1):
+        kid = tree.valid & (tree.parents == cur[:, None])  # [B, T]: children of the current node
+        if rule is AcceptanceRule.sample_match:
+            y = ch.draw(q[rows, cur], cur, active)
+            match = kid & (tree.tokens == y[:, None])
+            nxt = torch.where(match.any(1), torch.argmax(match.to(torch.uint8), dim=1), -1)  # first match
+            tok = torch.where(active & (nxt < 0), y, tok)
+        else:
+            p = tree.draft_probs[rows, cur] if tree.draft_probs is not None else zeros  # [B, V]
+            earlier = torch.zeros(B, V, dtype=torch.bool)
+            trying, last = active, torch.full((B,), -1, dtype=torch.long)
+            nxt = torch.full((B,), -1, dtype=torch.long)
+            for _ in range(width):  # k-th child of every row's current node
+                cand = kid & (ids[None] > last[:, None])
+                c = torch.argmax(cand.to(torch.uint8), dim=1)  # lowest id after the last one tried
+                has = trying & cand.any(1)
+                x, prov = tree.tokens[rows, c], tree.provenance[rows, c].long()
+                a, nres, stop = rrs_step(res, x, child_proposal(prov, rule, p, x, earlier))
+                acc = ch.accept(c, a, has) & has
+                nxt = torch.where(acc, c, nxt)
+                rej = has & ~acc
+                earlier[rows, x] |= rej & removes_later(prov, rule)
+                res = torch.where((rej & ~stop)[:, None], nres, res)
+                trying = rej & ~stop
+                last = torch.where(has, c, last)
+        go = active & (nxt >= 0)
+        cur = torch.where(go, nxt, cur)
+        if d < levels:
+            path[:, d + 1] = torch.where(go, cur, -1)
+        res = torch.where(go[:, None], q[rows, cur], res)  # stopped rows keep their residual
+        active = go
+    if rule is not AcceptanceRule.sample_match:
+        tok = ch.final(res)
+    return [[i for i in r if i >= 0] for r in path.tolist()], tok.tolist()
 
-    Uniforms come from `gen` in a fixed order, so a seed reproduces the step exactly.
-    """
-    topo, node, path = tree.topology, 0, [0]
+
+def walk_sampled(tree: TreeBatch, b: int, q: Tensor, rule: AcceptanceRule, u: Optional[Tensor] = None,
+                 chooser: Optional[Chooser] = None) -> tuple[list[int], int]:
+    """Reference for row b of `accept_sampled`: the §0.2 walk, one node and one child at a time.
+    q [T, V] (row b's); u [>= T] (row b's uniforms) or a one-row `chooser`."""
+    ch = chooser if chooser is not None else Uniforms(u[None])
+    topo, tokens, prov = tree.topologies[b], tree.row_tokens(b), tree.provenance[b].long()
+    V = q.shape[-1]
+    node, path = 0, [0]
+    one = lambda i: torch.tensor([i])  # noqa: E731  a one-row index for the chooser
+    yes = torch.ones(1, dtype=torch.bool)
     while True:
         kids = topo.children[node]
-        if not kids:
-            return path, sample_from(q[node], gen)  # bonus
         if rule is AcceptanceRule.sample_match:
-            y = sample_from(q[node], gen)
-            nxt = next((c for c in kids if tree.tokens[c] == y), None)
+            y = int(ch.draw(q[node][None], one(node), yes)[0])
+            nxt = next((c for c in kids if tokens[c] == y), None)
             if nxt is None:
                 return path, y
             path.append(nxt)
             node = nxt
             continue
-        kind = ChildKind(tree.child_kind[node])
-        p = tree.draft_probs[node] if tree.draft_probs is not None else torch.zeros_like(q[node])
-        res, accepted, earlier = q[node], None, []
+        p = tree.draft_probs[b, node] if tree.draft_probs is not None else torch.zeros(V, dtype=torch.float64)
+        res, accepted, earlier = q[node], None, torch.zeros(V, dtype=torch.bool)
         for c in kids:
-            x = tree.tokens[c]
-            a, nxt_res = rrs_step(res, x, child_proposal(kind, rule, p, x, earlier))
-            u = float(torch.rand((), generator=gen, dtype=torch.float64))
-            if u < a:
+            x = torch.tensor(tokens[c])
+            a, nres, stop = rrs_step(res, x, child_proposal(prov[c], rule, p, x, earlier))
+            if bool(ch.accept(one(c), a[None], yes)[0]):
                 accepted = c
                 break
-            earlier.append(x)
-            if nxt_res is None:
+            if removes_later(prov[c], rule):
+                earlier[tokens[c]] = True
+            if stop:
                 break
-            res = nxt_res
+            res = nres
         if accepted is None:
-            return path, sample_from(res, gen)  # recovered
+            return path, int(ch.final(res[None])[0])
         path.append(accepted)
         node = accepted
+
+
+def accept(tree: TreeBatch, logits: Tensor, params: Sequence[SamplingParams],
+           gens: Sequence[Optional[torch.Generator]]) -> tuple[list[list[int]], list[int]]:
+    """Acceptance of a mixed batch: greedy rows (temperature 0) by `accept_greedy`, sampled rows by
+    `accept_sampled` against their own target distribution (`row_target_probs`), rule and generator
+    (`draw_uniforms`; greedy rows draw nothing). logits [B, T, V]."""
+    B = len(params)
+    paths: list = [None] * B
+    nxt: list = [None] * B
+    groups: dict[Optional[AcceptanceRule], list[int]] = {}
+    for b, sp in enumerate(params):
+        groups.setdefault(None if sp.greedy else AcceptanceRule(sp.acceptance), []).append(b)
+    for rule, idx in groups.items():
+        sub = tree if len(idx) == B else tree.select_rows(idx)
+        lg = logits if len(idx) == B else logits[idx]
+        if rule is None:
+            out = accept_greedy(sub, lg)
+        else:
+            q = row_target_probs(lg, [params[b] for b in idx])
+            out = accept_sampled(sub, q, rule, draw_uniforms([gens[b] for b in idx], tree.T))
+        for b, pth, y in zip(idx, *out):
+            paths[b], nxt[b] = pth, y
+    return paths, nxt
+
+
+# ---------------------------------------------------------------------------------------------------
+# drafter child sampling (one sampler per request; the drafter calls it once per parent node)
+# ---------------------------------------------------------------------------------------------------
+class DraftSampler(Protocol):
+    def children(self, p: Tensor, b: int, prov: Provenance) -> list[int]:
+        """b child tokens drawn from p [V] float64 in generation order (fewer if p's support is smaller):
+        prov iid = with replacement, wor = an ordered sample without replacement."""
+        ...
+
+
+class TorchDraftSampler:
+    """`DraftSampler` over a torch.Generator: multinomial (iid) and Gumbel-top-k (wor)."""
+
+    def __init__(self, gen: Optional[torch.Generator]):
+        self.gen = gen
+
+    def children(self, p: Tensor, b: int, prov: Provenance) -> list[int]:
+        b = min(b, int((p > 0).sum()))
+        if b == 0:
+            return []
+        if prov == Provenance.iid:
+            return torch.multinomial(p, b, replacement=True, generator=self.gen).tolist()
+        assert prov == Provenance.wor, f"no sampling for provenance {Provenance(prov).name}"
+        u = torch.rand(p.shape, generator=self.gen, dtype=torch.float64).clamp_min(1e-300)
+        keys = torch.log(p) - torch.log(-torch.log(u))  # Gumbel-top-k: an ordered sample without replacement
+        return torch.topk(keys, b).indices.tolist()
