@@ -46,6 +46,19 @@ class VocabTrimPlan:
 
 
 @dataclass(frozen=True)
+class CpuTransforms:
+    """Which load-time CPU fast paths runtime/transforms.py applies (all off on other devices)."""
+
+    fp16_weight_gemm: bool = False
+    rmsnorm_layernorm: bool = False
+    gemv_head: bool = False
+
+
+CPU_TRANSFORM_DEFAULTS = CpuTransforms(fp16_weight_gemm=True, rmsnorm_layernorm=True, gemv_head=True)
+"""Each transform on where it measured faster: benchmarks/cpu/transforms_bench.md."""
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     target: ModelPlan
@@ -72,6 +85,8 @@ class Plan:
     """KV slots: max_seq_len plus one tree's worth of scratch slots."""
     vocab_trim: Optional[VocabTrimPlan] = None
     """The drafter's LM head is trimmed (VocabTrim); None = full head."""
+    cpu_transforms: CpuTransforms = CpuTransforms()
+    """Load-time CPU fast paths (runtime/transforms.py); all off unless device is cpu."""
     plan_version: int = PLAN_VERSION
 
     def to_dict(self) -> dict:
@@ -140,6 +155,15 @@ def _vocab_trim_plan(resolved: Resolved) -> Optional[VocabTrimPlan]:
                          None if vt.artifact is None else str(resolve_path(vt.artifact)))
 
 
+def _cpu_transforms(resolved: Resolved, device: str) -> CpuTransforms:
+    """The configured transforms, unset ones at their measured default; none off the CPU."""
+    if device != "cpu":
+        return CpuTransforms()
+    t = resolved.cfg.backend.cpu_transforms
+    return CpuTransforms(**{k: default if getattr(t, k) is None else bool(getattr(t, k))
+                            for k, default in asdict(CPU_TRANSFORM_DEFAULTS).items()})
+
+
 def make_plan(resolved: Resolved) -> Plan:
     cfg = resolved.cfg
     d, s, topo = cfg.drafter, cfg.sampling, resolved.topology
@@ -173,4 +197,5 @@ def make_plan(resolved: Resolved) -> Plan:
         max_seq_len=cfg.target.max_seq_len,
         cache_capacity=cfg.target.max_seq_len + topo.n,
         vocab_trim=_vocab_trim_plan(resolved),
+        cpu_transforms=_cpu_transforms(resolved, _device(resolved)),
     )

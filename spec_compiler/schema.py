@@ -285,11 +285,26 @@ class SamplingConfig:
 
 
 @dataclass
+class CpuTransformsConfig:
+    """CPU fast paths applied at load time (runtime/transforms.py), each on or off; None = the measured
+    default (benchmarks/cpu/transforms_bench.md: spec_compiler.plan.CPU_TRANSFORM_DEFAULTS). device=cpu only."""
+
+    fp16_weight_gemm: Optional[bool] = None
+    """Linear layers whose weights fp16 holds exactly run fbgemm's fp16-weight GEMM (same map, fp32 sums)."""
+    rmsnorm_layernorm: Optional[bool] = None
+    """RMSNorm runs as one LayerNorm over [x, -x] (same map to fp32 rounding, one native kernel)."""
+    gemv_head: Optional[bool] = None
+    """An fp32 LM head that fp16 cannot hold runs as a GEMV against its transposed weight."""
+
+
+@dataclass
 class BackendConfig:
     kind: BackendKind = BackendKind.eager
     """How draft and verify forwards run."""
     device: Device = Device.auto
     """auto = cuda when available, else cpu."""
+    cpu_transforms: CpuTransformsConfig = field(default_factory=CpuTransformsConfig)
+    """Load-time CPU fast paths (ignored, with a warning when set, on cuda)."""
 
 
 @dataclass

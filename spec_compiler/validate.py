@@ -194,7 +194,18 @@ def validate(cfg: SpecConfig) -> Resolved:
         import torch
         if not torch.cuda.is_available():
             raise ConfigError("backend.device", "CUDA is not available on this machine (use auto or cpu)", "cuda")
+    _check_cpu_transforms(cfg)
     return Resolved(cfg, target_arch, drafter_arch, topo, kind, cfg.sampling.acceptance)
+
+
+def _check_cpu_transforms(cfg: SpecConfig) -> None:
+    ct, dev = cfg.backend.cpu_transforms, cfg.backend.device
+    named = [k for k in ("fp16_weight_gemm", "rmsnorm_layernorm", "gemv_head") if getattr(ct, k) is not None]
+    if not named or dev is Device.cpu:
+        return
+    import torch
+    if dev is Device.cuda or torch.cuda.is_available():
+        _warn(f"backend.cpu_transforms.{'/'.join(named)}", "no effect on cuda (CPU fast paths, device=cpu only)")
 
 
 def _check_vocab_trim(cfg: SpecConfig, drafter_arch: Optional[ModelArch]) -> None:

@@ -17,9 +17,7 @@ H query heads, Hkv key/value heads, D head dim, V vocab.
 from __future__ import annotations
 
 import copy
-import functools
 import math
-import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from runtime.batch import Block
+from runtime.models.norm import RMSNorm
 
 FAMILIES = ("llama", "qwen2", "mistral")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -135,17 +134,6 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_
     return y.transpose(1, 2).reshape(B, T, H * D)
 
 
-def cached_derived(owner: nn.Module, name: str, sources: tuple[Tensor | None, ...], make):
-    """make(), kept on `owner` under `name` and rebuilt whenever a source tensor is replaced or changed in
-    place (keyed by data pointer and version counter): packed and reshaped copies of weights. A tensor
-    made under inference_mode has no version counter: only its replacement is seen."""
-    key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in sources if t is not None)
-    hit = owner.__dict__.get(name)
-    if hit is None or hit[0] != key:
-        hit = owner.__dict__[name] = (key, make())
-    return hit[1]
-
-
 def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A bool attention mask (True = may attend) as SDPA's additive form (0 / -inf), made once per forward
     rather than by SDPA in every layer; SDPA's result is bitwise the same. [B, T, S] -> [B, 1, T, S]."""
@@ -210,37 +198,12 @@ class KVCache:
         self.v.zero_()
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # normalise in fp32, cast back, then scale (HF Llama's order); in fp32 that is one op with the weight
-        w = self._parameters["weight"]
-        if x.dtype == torch.float32 and w.dtype == torch.float32:
-            if not torch.is_grad_enabled() and x.device.type == "cpu":
-                return self._cpu_inference(x, w)
-            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
-        return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-    def _cpu_inference(self, x: Tensor, w: Tensor) -> Tensor:
-        """RMSNorm(x) * w as LayerNorm([x, -x]) * [w, w], first half: [x, -x] has mean 0 and variance
-        mean(x^2), so this is the same map to fp32 rounding. Why: on CPU F.rms_norm is a composite of
-        about six dispatched ops and layer_norm one native kernel (one 128-wide row on the CI box: ~36 us
-        vs ~16 us per call), and decoding runs 2 * layers + 1 norms per token."""
-        E = x.shape[-1]
-        w2 = cached_derived(self, "_w2", (w,), lambda: torch.cat((w.detach(), w.detach())))
-        return F.layer_norm(torch.cat((x, -x), dim=-1), (2 * E,), w2, None, self.eps)[..., :E]
-
-
 class Attention(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
         self.H, self.Hkv, self.D = c.num_heads, c.num_kv_heads, c.head_dim
-        self.wqkv = Linear(c.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=c.attention_bias)
-        self.wo = Linear(self.H * self.D, c.hidden_size, bias=c.o_bias)
+        self.wqkv = nn.Linear(c.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=c.attention_bias)
+        self.wo = nn.Linear(self.H * self.D, c.hidden_size, bias=c.o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
                 block: Block | None, mask: Tensor | None) -> Tensor:
@@ -259,98 +222,9 @@ def last_rows(x: Tensor, n: int | None) -> Tensor:
     return x if n is None else x[:, x.shape[1] - n:]
 
 
-@functools.cache
-def fp16_weight_gemm():
-    """(pack, apply) for fbgemm's fp16-weight GEMM on CPU (fp16 weights, fp32 activations and accumulation),
-    or None where this torch build or CPU lacks fbgemm: pack(weight [N, K], bias [N] | None) -> packed,
-    apply(x [M, K], packed) -> [M, N] fp32.
-
-    Why not plain F.linear: inference here is a few rows against each weight (one token, or one verify
-    tree), where MKL's sgemm is slow on the 2-core AMD EPYC CI box and every step streams the weights from
-    memory. fbgemm's fp16 kernels read half the bytes and are built for small M: the default 7.3 M target's
-    forward at 600 tokens of context took 4.6 ms (1 token) and 8-9 ms (5 tokens) with F.linear, 3.5 ms and
-    4.7 ms this way (torch 2.13 CPU, one thread). It is the kernel behind torch.ao's dynamic fp16 Linear.
-    """
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return None
-    return fbgemm_alias_gemm() or quantized_ops_gemm()
-
-
-def fbgemm_alias_gemm():
-    """Through `torch.fbgemm_*` (least call overhead), or None where this torch no longer has them. They
-    are deprecated aliases: their one-time warning is raised (and silenced) here."""
-    pack, lin = getattr(torch, "fbgemm_pack_gemm_matrix_fp16", None), getattr(torch, "fbgemm_linear_fp16_weight", None)
-    if pack is None or lin is None:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lin(torch.zeros(1, 1), pack(torch.zeros(1, 1)), torch.zeros(1))
-    return (lambda w, b: (pack(w), b if b is not None else torch.zeros(w.shape[0]))), lambda x, p: lin(x, *p)
-
-
-def quantized_ops_gemm():
-    """Through `torch.ops.quantized.linear_{prepack,dynamic}_fp16` (torch.ao's dynamic fp16 Linear)."""
-    ops = torch.ops.quantized
-    return (lambda w, b: ops.linear_prepack_fp16(w, b)), ops.linear_dynamic_fp16
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, tying and checkpoints) with a CPU inference path.
-
-    Under no_grad on CPU with fp32 activations, a weight (and bias) whose every value is exactly an fp16
-    number -- a checkpoint stored in fp16 and loaded as fp32, like the trained default pair -- runs through
-    fbgemm's fp16-weight GEMM (`fp16_weight_gemm`): the same linear map in fp32 arithmetic, summed in
-    another order. Any other weight, training, other dtypes and devices use F.linear. The packed copy is
-    rebuilt whenever the weight changes.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        # x: [..., in] -> [..., out]
-        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
-            return super().forward(x)
-        packed = self._packed()
-        if packed is None:
-            return self._cpu_fp32(x)
-        weights, apply = packed
-        out = apply(x.reshape(-1, x.shape[-1]), weights)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    def _cpu_fp32(self, x: Tensor) -> Tensor:
-        return super().forward(x)
-
-    def _packed(self):
-        """(fp16-packed weight, apply), or None (no fbgemm, or a value fp16 cannot hold exactly)."""
-        params = self._parameters  # (this runs for every projection of every token: no nn.Module __getattr__)
-        w, b = params["weight"], params["bias"]
-
-        def pack():
-            gemm = fp16_weight_gemm()
-            exact = w.dtype == torch.float32 and all(
-                t is None or torch.equal(t.detach().half().float(), t.detach()) for t in (w, b))
-            return (gemm[0](w.detach(), None if b is None else b.detach()), gemm[1]) if gemm and exact else None
-        return cached_derived(self, "_packed_w", (w, b), pack)
-
-
-class LMHead(Linear):
-    """The vocabulary projection (a Linear: same parameter names, tying and checkpoints).
-
-    For an fp32 weight that fp16 cannot hold (no fbgemm path), CPU inference still avoids F.linear: for a
-    few rows against a [V, E] weight, MKL's sgemm runs far below memory bandwidth on the CI box (V=16384,
-    E=256, fp32, one thread: one row 2.7 ms via F.linear vs 0.6 ms as a GEMV against the transposed weight;
-    five rows 5.3 ms vs 2.4 ms as W @ h^T). The head is the largest matmul of a small drafter or target.
-    """
-
-    def _cpu_fp32(self, h: Tensor) -> Tensor:
-        # h: [..., E] -> [..., V]
-        if self.bias is not None:
-            return F.linear(h, self.weight, self.bias)
-        rows = h.reshape(-1, h.shape[-1])  # [m, E]
-        out = rows @ self._transposed() if rows.shape[0] == 1 else (self.weight @ rows.t()).t()  # [m, V]
-        return out.view(*h.shape[:-1], out.shape[-1])
-
-    def _transposed(self) -> Tensor:
-        w = self.weight
-        return cached_derived(self, "_wt", (w,), lambda: w.detach().t().contiguous())  # [E, V]
+class LMHead(nn.Linear):
+    """The vocabulary projection: an nn.Linear (same parameters, tying and checkpoints) marked as the head, so
+    VocabTrim (`trim_lm_head`) and the GEMV-head CPU transform (runtime/transforms.py) find it."""
 
 
 def trim_lm_head(model: nn.Module, ids: Tensor) -> None:
@@ -374,9 +248,9 @@ def trim_lm_head(model: nn.Module, ids: Tensor) -> None:
 class FeedForward(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
-        self.w1 = Linear(c.hidden_size, c.intermediate_size, bias=False)  # gate
-        self.w3 = Linear(c.hidden_size, c.intermediate_size, bias=False)  # up
-        self.w2 = Linear(c.intermediate_size, c.hidden_size, bias=False)  # down
+        self.w1 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)  # down
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codegen.ssm_tree_scan import ssm_tree_scan, ssm_tree_scan_ref
-from runtime.models.llama import KVCache, Linear, LMHead, additive_mask, cached_attention, last_rows, rotate_half
+from runtime.models.llama import KVCache, LMHead, additive_mask, cached_attention, last_rows, rotate_half
+from runtime.models.norm import RMSNorm
 from runtime.models.ssm_cache import ForwardPlan, SSMCache
 
 DEFAULT_NUM_SCRATCH = 64
@@ -238,38 +239,20 @@ def conv_tree(v: Tensor, windows: Tensor, conv_index: Tensor, weight: Tensor,
 
 # ---- modules ---------------------------------------------------------------------------------------------
 
-class RMSNorm(nn.Module):
-    """RMSNorm, optionally gated (`norm(x * silu(gate))`) and per group of `group_size` channels."""
-
-    def __init__(self, dim: int, eps: float, group_size: int | None = None):
-        super().__init__()
-        self.eps, self.group_size = eps, group_size or dim
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        cdt = torch.promote_types(x.dtype, torch.float32)
-        h = x.to(cdt)
-        if gate is not None:
-            h = h * F.silu(gate.to(cdt))
-        h = h.unflatten(-1, (-1, self.group_size))
-        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        return self.weight * h.to(x.dtype)
-
-
 class Mamba2Mixer(nn.Module):
     def __init__(self, c: Mamba2Config, use_triton: bool = False):
         super().__init__()
         self.c = c
         self.use_triton = use_triton
         H = c.nheads
-        self.in_proj = Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + H, bias=c.bias)
+        self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + H, bias=c.bias)
         self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=c.conv_bias)
         self.dt_bias = nn.Parameter(torch.zeros(H))
         self.A_log = nn.Parameter(torch.zeros(H))
         self.D = nn.Parameter(torch.ones(c.d_inner if c.D_has_hdim else H))
         if c.rmsnorm:
-            self.norm = RMSNorm(c.d_inner, c.gated_norm_epsilon, group_size=c.d_inner // c.ngroups)
-        self.out_proj = Linear(c.d_inner, c.d_model, bias=c.bias)
+            self.norm = RMSNorm(c.d_inner, c.gated_norm_epsilon, group_size=c.d_inner // c.ngroups, keep_fp64=True)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
 
     def forward(self, u: Tensor, cache: SSMCache | None, layer: int, plan: ForwardPlan | None) -> Tensor:
         # u: [b, T, E] -> [b, T, E]; cache=None: a causal block from a zero state (training), nothing stored
@@ -326,8 +309,8 @@ class MHA(nn.Module):
         super().__init__()
         self.H, self.Hkv, self.D = c.attn_num_heads, c.attn_num_heads_kv, c.attn_head_dim
         self.rd, self.scale = c.attn_rotary_dim, c.attn_softmax_scale
-        self.in_proj = Linear(c.d_model, (self.H + 2 * self.Hkv) * self.D, bias=c.attn_qkv_bias)
-        self.out_proj = Linear(self.H * self.D, c.d_model, bias=c.attn_out_bias)
+        self.in_proj = nn.Linear(c.d_model, (self.H + 2 * self.Hkv) * self.D, bias=c.attn_qkv_bias)
+        self.out_proj = nn.Linear(self.H * self.D, c.d_model, bias=c.attn_out_bias)
 
     def _rope(self, t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         r = t[..., :self.rd]
@@ -351,8 +334,8 @@ class GatedMLP(nn.Module):
 
     def __init__(self, c: Mamba2Config):
         super().__init__()
-        self.fc1 = Linear(c.d_model, 2 * c.d_intermediate, bias=False)
-        self.fc2 = Linear(c.d_intermediate, c.d_model, bias=False)
+        self.fc1 = nn.Linear(c.d_model, 2 * c.d_intermediate, bias=False)
+        self.fc2 = nn.Linear(c.d_intermediate, c.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         y, gate = self.fc1(x).chunk(2, dim=-1)
@@ -362,10 +345,10 @@ class GatedMLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, c: Mamba2Config, attention: bool, use_triton: bool):
         super().__init__()
-        self.norm = RMSNorm(c.d_model, c.norm_epsilon)
+        self.norm = RMSNorm(c.d_model, c.norm_epsilon, keep_fp64=True)
         self.mixer = MHA(c) if attention else Mamba2Mixer(c, use_triton)
         if c.d_intermediate:
-            self.norm2 = RMSNorm(c.d_model, c.norm_epsilon)
+            self.norm2 = RMSNorm(c.d_model, c.norm_epsilon, keep_fp64=True)
             self.mlp = GatedMLP(c)
 
 
@@ -374,7 +357,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(c.vocab_size, c.d_model)
         self.layers = nn.ModuleList(Block(c, i in c.attn_layer_idx, use_triton) for i in range(c.n_layer))
-        self.norm_f = RMSNorm(c.d_model, c.norm_epsilon)
+        self.norm_f = RMSNorm(c.d_model, c.norm_epsilon, keep_fp64=True)
 
 
 class Mamba2LMModel(nn.Module):
