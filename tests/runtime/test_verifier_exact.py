@@ -1,40 +1,50 @@
-"""Exact-enumeration tests of the verifier (TESTING.md layer 1; ALGORITHMS.md §0.2-0.3, §8.3).
+"""Exact-enumeration tests of drafting + acceptance (TESTING.md layer 1; ALGORITHMS.md §0.2-0.3, §8.3).
 
-fp64, no sampling noise. A tiny "model world" (vocab 3-5) gives a target q(ctx) and a drafter p(ctx)
-from fixed seeded logit tables keyed by the last two tokens, so depth > 1 is meaningful. For a tree
-shape and a per-node child kind we enumerate EVERY draft tree the drafting procedure can produce,
-weighted by its exact probability, and for each tree the verification walk exactly, using the same
-functions the engine uses (`target_probs`, `child_proposal`, `rrs_step`):
+fp64, no sampling noise, and every random decision goes through the engine's own code:
 
-- at a node with children, child k is accepted with probability a_k times the probability that the
-  earlier ones were rejected; the residual after a rejection is the one `rrs_step` returns; after the
-  last child (or a `None` residual) the emitted token is drawn from the current residual;
-- at a leaf the bonus token is drawn from q(node);
-- under SAMPLE_MATCH, y ~ q(node) and the walk follows the first child whose token is y.
+- **Drafting**: a *drafter* is any callable `(context tokens, sampler) -> (topology, tokens, provenances,
+  draft_probs)` that draws its sampled children through a `runtime.sampling.DraftSampler`. The engine
+  passes `TorchDraftSampler`; here `EnumeratingSampler` replays a scripted choice sequence and reports each
+  choice's exact probability (i.i.d.: p(x); without replacement: the Plackett-Luce factors
+  p(x1) · p(x2) / (1 - p(x1)) ...), and a depth-first search over choice prefixes (`enumerate_runs`) yields
+  every tree the drafter can make with its probability. `world_drafter` builds one from the World tables
+  (the lead's tiny-model drafter plugs into the same enumeration).
+- **Acceptance**: `runtime.sampling.accept_sampled` (the batched production path) runs with a `ScriptChooser`
+  instead of the engine's `Uniforms`: every accept / reject (probability a, 1 - a) and every categorical
+  draw is a scripted choice, so the same search enumerates every verification branch; the final
+  (bonus / recovered) draw is recorded as its whole distribution. All enumerated branches of all trees run
+  as rows of one batch per search round. `walk_sampled` (the per-row reference) equals `accept_sampled`
+  decision for decision on random inputs (test_accept_batched.py).
 
 The distribution of the first m emitted tokens (padded with plain target sampling when a step emits
 fewer than m) must equal the target's autoregressive m-token joint to 1e-12. The biased combinations of
 §8.3 must visibly differ (> 1e-3), which is what justifies the config validator's refusals.
 
-The helpers here (World, enumerate_drafts, walk_outcomes, ...) are reused by test_verifier_sampling.py.
+The helpers here (World, world_drafter, enumerate_runs, ...) are reused by test_verifier_sampling.py and
+test_accept_batched.py.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
 import torch
 
-from runtime.sampling import (AcceptanceRule, ChildKind, child_proposal, rrs_step,
+from runtime.batch import TreeBatch
+from runtime.sampling import (AcceptanceRule, ChildKind, accept_sampled, child_proposal, removes_later, rrs_step,
                               target_probs)
-from spec_compiler.tree import TreeTopology
+from spec_compiler.tree import Provenance, TreeTopology
 
 TOL = 1e-12
 BIAS = 1e-3
 A, IID, WOR, DET = AcceptanceRule, ChildKind.IID, ChildKind.WOR, ChildKind.DETERMINISTIC
+P = Provenance
+PROV_OF_KIND = {DET: P.topk, IID: P.iid, WOR: P.wor}
+
+Draft = tuple  # (topology, tokens [n], provenances [n], draft_probs [n, V] float64)
+Drafter = Callable[[tuple, object], Draft]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -64,7 +74,7 @@ class World:
     _q: dict = field(default_factory=dict, repr=False)
     _p: dict = field(default_factory=dict, repr=False)
     _ar: dict = field(default_factory=dict, repr=False)
-    _node: dict = field(default_factory=dict, repr=False)
+    _steps: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         g = torch.Generator().manual_seed(self.seed)
@@ -94,6 +104,10 @@ class World:
                 self._p[k] = torch.zeros(self.V, dtype=torch.float64).index_copy_(0, keep, sub)
         return self._p[k]
 
+    def retrieved(self, ctx: Sequence[int], j: int) -> int:
+        """A retrieval source's j-th continuation after ctx (deterministic, blind to p and q)."""
+        return (3 * ctx[-1] + ctx[-2] + j) % self.V
+
     def ar_joint(self, ctx: Sequence[int], m: int) -> np.ndarray:
         """The target's autoregressive joint of the next m tokens: array of shape [V]*m."""
         k = (self.key(ctx), m)
@@ -108,154 +122,250 @@ class World:
 
 
 # ---------------------------------------------------------------------------------------------------
-# drafting: every tree the procedure can produce, with its probability
+# enumeration over scripted choices
 # ---------------------------------------------------------------------------------------------------
-def child_tuples(kind: ChildKind, p: torch.Tensor, b: int) -> list[tuple[tuple[int, ...], float]]:
-    """All ordered b-tuples of sibling tokens a drafter of this kind can produce from p, with their
-    probabilities: IID = b independent draws from p; WOR = ordered sampling without replacement
-    (P(x1) = p(x1), P(x2 | x1) = p(x2) / (1 - p(x1)), ...); DETERMINISTIC = the top-b tokens of p
-    (descending p, lower id first on ties), probability 1."""
-    pl = p.tolist()
-    V = len(pl)
-    if kind is DET:
-        order = sorted(range(V), key=lambda x: (-pl[x], x))
-        return [(tuple(order[:b]), 1.0)]
-    out = []
-    if kind is IID:
-        for tup in itertools.product(range(V), repeat=b):
-            w = float(np.prod([pl[x] for x in tup]))
-            if w > 0:
-                out.append((tup, w))
-        return out
-    if kind is WOR:
-        support = [x for x in range(V) if pl[x] > 0]
-        assert len(support) >= b, "WOR needs at least b tokens in the drafter's support"
-        for tup in itertools.permutations(support, b):
-            w, left = 1.0, 1.0
-            for x in tup:
-                w *= pl[x] / left
-                left -= pl[x]
-            out.append((tup, w))
-        return out
-    raise AssertionError(kind)
+class Script:
+    """One run's random choices: replays `prefix`, then takes option 0 at every new choice and remembers
+    the other options (each becomes a script of its own). `weight` accumulates the chosen options' exact
+    probabilities."""
+
+    def __init__(self, prefix: list[int], weight: float = 1.0, tag=None):
+        self.prefix, self.taken, self.weight, self.base, self.tag = prefix, [], weight, weight, tag
+        self.branches: list[tuple[int, int]] = []
+
+    def choose(self, probs: Sequence[float]) -> int:
+        """Index of the option taken among options of probability probs (all > 0)."""
+        i = len(self.taken)
+        if i < len(self.prefix):
+            k = self.prefix[i]
+        else:
+            k = 0
+            self.branches += [(i, j) for j in range(1, len(probs))]
+        self.taken.append(k)
+        self.weight *= probs[k]
+        return k
+
+    def siblings(self) -> list["Script"]:
+        return [Script(self.taken[:i] + [j], self.base, self.tag) for i, j in self.branches]
 
 
+def enumerate_runs(run_all: Callable[[list[Script]], list], roots: list[Script]) -> Iterator[tuple[Script, object]]:
+    """Every outcome of a random procedure with its probability: `run_all(scripts)` runs the procedure once
+    per script (in one batch); each new choice a run meets spawns the scripts of its other options."""
+    scripts = roots
+    while scripts:
+        results = run_all(scripts)
+        nxt = []
+        for s, r in zip(scripts, results):
+            yield s, r
+            nxt += s.siblings()
+        scripts = nxt
+
+
+class EnumeratingSampler:
+    """`DraftSampler` whose draws are a script's choices, with their exact probabilities."""
+
+    def __init__(self, script: Script):
+        self.script = script
+
+    def children(self, p: torch.Tensor, b: int, prov: Provenance) -> list[int]:
+        w = p.tolist()
+        out = []
+        for _ in range(min(b, sum(x > 0 for x in w))):
+            support = [x for x in range(len(w)) if w[x] > 0]
+            tot = sum(w[x] for x in support)
+            x = support[self.script.choose([w[x] / tot for x in support])]
+            out.append(x)
+            if prov == P.wor:  # Plackett-Luce: the next draw is from p without the tokens drawn so far
+                w[x] = 0.0
+            else:
+                assert prov == P.iid, prov
+        return out
+
+
+class ScriptChooser:
+    """The acceptance chooser of the enumeration: row r's decisions are scripts[r]'s choices."""
+
+    def __init__(self, scripts: list[Script]):
+        self.scripts = scripts
+        self.finals: list[list[float]] | None = None
+
+    def accept(self, nodes: torch.Tensor, a: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        out = []
+        for s, ar, on in zip(self.scripts, a.tolist(), active.tolist()):
+            if not on or ar <= 0.0:
+                out.append(False)
+            elif ar >= 1.0:
+                out.append(True)
+            else:
+                out.append(s.choose([ar, 1.0 - ar]) == 0)
+        return torch.tensor(out, dtype=torch.bool)
+
+    def draw(self, w: torch.Tensor, nodes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        out = []
+        for s, wr, on in zip(self.scripts, w.tolist(), active.tolist()):
+            support = [x for x in range(len(wr)) if wr[x] > 0]
+            tot = sum(wr[x] for x in support)
+            out.append(support[s.choose([wr[x] / tot for x in support])] if on else 0)
+        return torch.tensor(out, dtype=torch.long)
+
+    def final(self, w: torch.Tensor) -> torch.Tensor:
+        self.finals = (w / w.sum(-1, keepdim=True)).tolist()
+        return torch.zeros(w.shape[0], dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------------
+# drafting from the World tables
+# ---------------------------------------------------------------------------------------------------
 def node_ctx(topo: TreeTopology, tokens: Sequence[int], ctx: tuple[int, ...], node: int) -> tuple[int, ...]:
     """Context seen at `node`: the committed context (ending with the root token) plus the path."""
-    return ctx + tuple(tokens[j] for j in topo.path(node)[1:])
+    return tuple(ctx) + tuple(tokens[j] for j in topo.path(node)[1:])
 
 
-def enumerate_drafts(world: World, topo: TreeTopology, kinds: Sequence[ChildKind],
-                     ctx: tuple[int, ...]) -> Iterator[tuple[list[int], float]]:
-    """Every draft tree (token list) for this topology, with its exact probability. ctx[-1] is the
-    root token; node i's children are generated from p(context of i) by kinds[i]."""
-    internal = [i for i in range(topo.n) if topo.children[i]]
+def world_drafter(world: World, topo: TreeTopology, provs: Sequence[Provenance]) -> Drafter:
+    """A drafter for `topo` whose node i is made as provs[i] says: a parent's children are filled in id
+    order, a run of equal provenance at a time: topk = the run's top-b tokens of p (descending p, lower id
+    on ties); iid / wor = one `sampler.children(p, b, prov)` call (fewer children if p's support is
+    smaller: the rest of the run and their subtrees are dropped); retrieved = `world.retrieved`."""
+    assert len(provs) == topo.n and provs[0] == P.root
 
-    def rec(j: int, tokens: list[int], w: float):
-        if j == len(internal):
-            yield list(tokens), w
-            return
-        node = internal[j]
-        kids = topo.children[node]
-        p = world.p(node_ctx(topo, tokens, ctx, node))
-        for tup, pw in child_tuples(kinds[node], p, len(kids)):
-            for c, x in zip(kids, tup):
-                tokens[c] = x
-            yield from rec(j + 1, tokens, w * pw)
+    def draft(ctx: tuple, sampler) -> Draft:
+        n = topo.n
+        tokens, keep = [ctx[-1]] + [0] * (n - 1), [True] + [False] * (n - 1)
+        dp = torch.zeros(n, world.V, dtype=torch.float64)
+        for node in range(n):  # topological: a node's token is set before its children's
+            kids = topo.children[node]
+            if not kids or not keep[node]:
+                continue
+            c = node_ctx(topo, tokens, ctx, node)
+            p = dp[node] = world.p(c)
+            runs: list[list[int]] = []
+            for k in kids:
+                if runs and provs[runs[-1][-1]] == provs[k]:
+                    runs[-1].append(k)
+                else:
+                    runs.append([k])
+            for run in runs:
+                prov = provs[run[0]]
+                if prov == P.topk:
+                    pl = p.tolist()
+                    picked = sorted(range(world.V), key=lambda x: (-pl[x], x))[:len(run)]
+                elif prov == P.retrieved:
+                    picked = [world.retrieved(c, j) for j in range(len(run))]
+                else:
+                    picked = sampler.children(p, len(run), prov)
+                for k, x in zip(run, picked):
+                    tokens[k], keep[k] = x, True
+        kept = [i for i in range(n) if keep[i]]
+        return topo.select(kept), [tokens[i] for i in kept], [provs[i] for i in kept], dp[kept]
 
-    tokens = [-1] * topo.n
-    tokens[0] = ctx[-1]
-    yield from rec(0, tokens, 1.0)
+    return draft
 
 
-# ---------------------------------------------------------------------------------------------------
-# verification: every accept / reject branch and residual draw of one tree, with its probability
-# ---------------------------------------------------------------------------------------------------
-def node_rule(world: World, ctx: tuple[int, ...], xs: tuple[int, ...], kind: ChildKind,
-              rule: AcceptanceRule) -> tuple[list[float], float, list[float]]:
-    """The RRS stage sequence at one node, exactly as verify_sampling runs it.
-
-    Returns (P(child k accepted) for each k, P(all rejected), residual the emitted token is drawn from).
-    """
-    key = (world.key(ctx), xs, kind, rule)  # memoised per world
-    if key in world._node:
-        return world._node[key]
-    q, p = world.q(ctx), world.p(ctx)
-    res, stay, earlier, acc = q, 1.0, [], []
-    for x in xs:
-        a, nres = rrs_step(res, x, child_proposal(kind, rule, p, x, earlier))
-        acc.append(stay * a)
-        stay *= 1.0 - a
-        earlier.append(x)
-        if nres is None:
-            break
-        res = nres
-    acc += [0.0] * (len(xs) - len(acc))
-    out = (acc, stay, res.tolist())
-    world._node[key] = out
+def enumerate_drafter(drafter: Drafter, ctx: tuple) -> list[tuple[Draft, float]]:
+    """Every draft the drafter can make after ctx, with its exact probability (sums to 1)."""
+    runs = enumerate_runs(lambda ss: [drafter(ctx, EnumeratingSampler(s)) for s in ss], [Script([])])
+    out = [(d, s.weight) for s, d in runs]
+    total = sum(w for _, w in out)
+    assert abs(total - 1.0) < TOL, f"draft probabilities sum to {total}"
     return out
 
 
-def walk_outcomes(world: World, topo: TreeTopology, tokens: Sequence[int], kinds: Sequence[ChildKind],
-                  rule: AcceptanceRule, ctx: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], int, float]]:
-    """(accepted tokens, emitted token (recovered or bonus), probability) for every verification branch."""
-
-    def rec(node: int, c: tuple[int, ...], acc: tuple[int, ...], w: float):
-        kids = topo.children[node]
-        q = world.q(c).tolist()
-        if not kids:  # bonus
-            for y in range(world.V):
-                if q[y] > 0:
-                    yield acc, y, w * q[y]
-            return
-        if rule is A.SAMPLE_MATCH:
-            for y in range(world.V):
-                if q[y] <= 0:
-                    continue
-                nxt = next((k for k in kids if tokens[k] == y), None)
-                if nxt is None:
-                    yield acc, y, w * q[y]
-                else:
-                    yield from rec(nxt, c + (y,), acc + (y,), w * q[y])
-            return
-        xs = tuple(tokens[k] for k in kids)
-        accp, stay, res = node_rule(world, c, xs, kinds[node], rule)
-        for k, ak in zip(kids, accp):
-            if ak > 0:
-                yield from rec(k, c + (tokens[k],), acc + (tokens[k],), w * ak)
-        if stay > 0:
-            for y in range(world.V):
-                if res[y] > 0:
-                    yield acc, y, w * stay * res[y]
-
-    yield from rec(0, tuple(ctx), (), 1.0)
+def draft_batch(world: World, drafts: Sequence[Draft], ctx: tuple, pad: int = 1) -> tuple[TreeBatch, torch.Tensor]:
+    """The drafts as one TreeBatch (padded `pad` nodes past the largest) and the target rows q [D, T, V]."""
+    T = max(d[0].n for d in drafts) + pad
+    dp = torch.zeros(len(drafts), T, world.V, dtype=torch.float64)
+    q = torch.full((len(drafts), T, world.V), 1.0 / world.V, dtype=torch.float64)
+    for b, (topo, toks, _, p) in enumerate(drafts):
+        dp[b, :topo.n] = p
+        for i in range(topo.n):
+            q[b, i] = world.q(node_ctx(topo, toks, ctx, i))
+    tree = TreeBatch.build([d[0] for d in drafts], [d[1] for d in drafts], [d[2] for d in drafts], T, dp)
+    return tree, q
 
 
-def emitted_joint(world: World, topo: TreeTopology, kinds: Sequence[ChildKind], rule: AcceptanceRule,
-                  ctx: tuple[int, ...], m: int) -> np.ndarray:
-    """Exact distribution of the first m emitted tokens of one speculative step (padded with target
-    sampling), averaged over every draft tree."""
+# ---------------------------------------------------------------------------------------------------
+# verification: every accept / reject branch and draw of every tree, through accept_sampled
+# ---------------------------------------------------------------------------------------------------
+def step_outcomes(world: World, drafter: Drafter, rule: AcceptanceRule, ctx: tuple,
+                  key=None) -> list[tuple[tuple[int, ...], list[float], float]]:
+    """(accepted tokens, law of the emitted token (recovered or bonus), probability) of every branch of one
+    speculative step: every draft, every verification branch. Memoised on the world by `key`."""
+    if key is not None and key in world._steps:
+        return world._steps[key]
+    drafts = enumerate_drafter(drafter, ctx)
+    tree, q = draft_batch(world, [d for d, _ in drafts], ctx)
+
+    def run_all(scripts: list[Script]):
+        rows = [s.tag for s in scripts]
+        ch = ScriptChooser(scripts)
+        paths, toks = accept_sampled(tree.select_rows(rows), q[rows], rule, chooser=ch)
+        if rule is A.SAMPLE_MATCH:  # the emitted token was a scripted draw
+            finals = [[float(x == y) for x in range(world.V)] for y in toks]
+        else:
+            finals = ch.finals
+        return [(tuple(tree.tokens[r, path[1:]].tolist()), fin) for r, path, fin in zip(rows, paths, finals)]
+
+    out = [(acc, fin, s.weight) for s, (acc, fin) in
+           enumerate_runs(run_all, [Script([], w, tag=b) for b, (_, w) in enumerate(drafts)])]
+    if key is not None:
+        world._steps[key] = out
+    return out
+
+
+def provs_for(topo: TreeTopology, kinds) -> list[Provenance]:
+    """Per-node provenance from a per-parent child kind (one ChildKind, or a list per node), or a
+    per-node Provenance list as is."""
+    if isinstance(kinds, ChildKind):
+        kinds = kinds_for(topo, kinds)
+    kinds = list(kinds)
+    if all(isinstance(k, Provenance) for k in kinds):
+        return kinds
+    return [P.root] + [PROV_OF_KIND[kinds[topo.parents[i]]] for i in range(1, topo.n)]
+
+
+def kinds_for(topo: TreeTopology, kind) -> list[ChildKind]:
+    if isinstance(kind, ChildKind):
+        return [kind if topo.children[i] else None for i in range(topo.n)]
+    return list(kind)
+
+
+def outcomes(world: World, topo: TreeTopology, kinds, rule: AcceptanceRule, ctx: tuple):
+    provs = provs_for(topo, kinds)
+    return step_outcomes(world, world_drafter(world, topo, provs), rule, ctx,
+                         key=(topo.parents, tuple(provs), rule, tuple(ctx)))
+
+
+def enumerate_drafts(world: World, topo: TreeTopology, kinds, ctx: tuple) -> Iterator[tuple[list[int], float]]:
+    """Every draft (token list) for this topology, with its exact probability."""
+    for (_, toks, _, _), w in enumerate_drafter(world_drafter(world, topo, provs_for(topo, kinds)), ctx):
+        yield toks, w
+
+
+def joint_of(world: World, outs, ctx: tuple, m: int) -> np.ndarray:
+    """Exact distribution of the first m emitted tokens (padded with target sampling)."""
     out = np.zeros((world.V,) * m)
-    total = 0.0
-    for tokens, wt in enumerate_drafts(world, topo, kinds, ctx):
-        total += wt
-        for acc, y, w in walk_outcomes(world, topo, tokens, kinds, rule, ctx):
+    for acc, fin, w in outs:
+        for y, py in enumerate(fin):
+            if py <= 0:
+                continue
             em = acc + (y,)
             if len(em) >= m:
-                out[em[:m]] += wt * w
+                out[em[:m]] += w * py
             else:
-                out[em] += wt * w * world.ar_joint(ctx + em, m - len(em))
-    assert abs(total - 1.0) < TOL, f"draft tree probabilities sum to {total}"
+                out[em] += w * py * world.ar_joint(tuple(ctx) + em, m - len(em))
     return out
 
 
-def accepted_count_dist(world: World, topo: TreeTopology, kinds: Sequence[ChildKind],
-                        rule: AcceptanceRule, ctx: tuple[int, ...]) -> np.ndarray:
+def emitted_joint(world: World, topo: TreeTopology, kinds, rule: AcceptanceRule, ctx: tuple, m: int) -> np.ndarray:
+    return joint_of(world, outcomes(world, topo, kinds, rule, ctx), ctx, m)
+
+
+def accepted_count_dist(world: World, topo: TreeTopology, kinds, rule: AcceptanceRule, ctx: tuple) -> np.ndarray:
     """Exact distribution of len(accepted draft tokens) in one step."""
     out = np.zeros(topo.max_depth + 1)
-    for tokens, wt in enumerate_drafts(world, topo, kinds, ctx):
-        for acc, _y, w in walk_outcomes(world, topo, tokens, kinds, rule, ctx):
-            out[len(acc)] += wt * w
+    for acc, _fin, w in outcomes(world, topo, kinds, rule, ctx):
+        out[len(acc)] += w
     return out
 
 
@@ -266,16 +376,10 @@ def max_bias(world: World, topo: TreeTopology, kinds, rule: AcceptanceRule, ctx,
     return float(np.abs(got - want).max())
 
 
-def kinds_for(topo: TreeTopology, kind) -> list[ChildKind]:
-    if isinstance(kind, ChildKind):
-        return [kind if topo.children[i] else None for i in range(topo.n)]
-    return list(kind)
-
-
 def assert_lossless(world: World, topo: TreeTopology, kind, rule: AcceptanceRule, m: int | None = None,
                     ctx: tuple[int, ...] = (1, 2)):
     m = topo.max_depth + 1 if m is None else m
-    d = max_bias(world, topo, kinds_for(topo, kind), rule, ctx, m)
+    d = max_bias(world, topo, kinds_for(topo, kind) if isinstance(kind, ChildKind) else kind, rule, ctx, m)
     assert d < TOL, f"output differs from the target's AR joint by {d:.3e}"
 
 
@@ -284,19 +388,26 @@ def assert_lossless(world: World, topo: TreeTopology, kind, rule: AcceptanceRule
 # ---------------------------------------------------------------------------------------------------
 def test_harness_enumerations_are_distributions():
     w = World(V=4, seed=0)
-    for kind in (IID, WOR, DET):
-        p = w.p((0, 1))
-        tups = child_tuples(kind, p, 3)
-        assert abs(sum(x for _, x in tups) - 1.0) < TOL
-        if kind is WOR:
-            assert all(len(set(t)) == 3 for t, _ in tups)
+    p = w.p((0, 1))
+    for prov in (P.iid, P.wor):  # the sampler's exact law: every ordered 3-tuple, summing to 1
+        runs = list(enumerate_runs(lambda ss: [EnumeratingSampler(s).children(p, 3, prov) for s in ss],
+                                   [Script([])]))
+        assert abs(sum(s.weight for s, _ in runs) - 1.0) < TOL
+        assert len(runs) == (64 if prov == P.iid else 24)
+        if prov == P.wor:
+            assert all(len(set(t)) == 3 for _, t in runs)
+            pl = p.tolist()
+            for s, (x1, x2, x3) in runs:  # Plackett-Luce
+                want = pl[x1] * pl[x2] / (1 - pl[x1]) * pl[x3] / (1 - pl[x1] - pl[x2])
+                assert abs(s.weight - want) < TOL
     topo = TreeTopology((-1, 0, 0, 1, 1, 2))
     kinds = kinds_for(topo, WOR)
     trees = list(enumerate_drafts(w, topo, kinds, (1, 2)))
     assert len(trees) == 12 * 12 * 4
-    for tokens, _ in trees[:50]:
-        s = sum(pr for _, _, pr in walk_outcomes(w, topo, tokens, kinds, A.AUTO, (1, 2)))
-        assert abs(s - 1.0) < TOL
+    # every tree's verification branches sum to 1
+    outs = outcomes(w, topo, kinds, A.AUTO, (1, 2))
+    assert abs(sum(x for _, _, x in outs) - 1.0) < TOL
+    assert all(abs(sum(fin) - 1.0) < TOL for _, fin, _ in outs)
     assert abs(w.ar_joint((1, 2), 3).sum() - 1.0) < TOL
 
 
@@ -309,6 +420,20 @@ def test_harness_detects_a_wrong_rule():
     for tokens, wt in enumerate_drafts(w, topo, kinds_for(topo, IID), (1, 2)):
         got[tokens[1]] += wt  # "always accept"
     assert np.abs(got - want).max() > BIAS
+
+
+def test_enumeration_uses_the_engine_walk(monkeypatch):
+    """The enumeration runs accept_sampled itself: breaking the engine's node rule breaks the result."""
+    import runtime.sampling as S
+
+    w = World(V=4, seed=3)
+    topo = TreeTopology.static([2, 1])
+    assert max_bias(w, topo, kinds_for(topo, WOR), A.AUTO, (1, 2), 2) < TOL
+    real = S.rrs_step
+    monkeypatch.setattr(S, "rrs_step", lambda res, x, r: (lambda a, n, s: (torch.clamp(a * 1.2, max=1.0), n, s))(
+        *real(res, x, r)))
+    w2 = World(V=4, seed=3)
+    assert max_bias(w2, topo, kinds_for(topo, WOR), A.AUTO, (1, 2), 2) > BIAS
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -520,6 +645,48 @@ def test_biased_combinations_are_lossless_under_greedy():
 
 
 # ---------------------------------------------------------------------------------------------------
+# per-node provenance: one parent with children of mixed provenance, padding
+# ---------------------------------------------------------------------------------------------------
+MIXED = {
+    # root: two WOR draws then two retrieved tokens; node 1: two i.i.d. draws; node 2: a top-1 pick
+    "wor+retrieved": (TreeTopology((-1, 0, 0, 0, 0, 1, 1, 2)),
+                      [P.root, P.wor, P.wor, P.retrieved, P.retrieved, P.iid, P.iid, P.topk]),
+    # root: one i.i.d. draw then one retrieved; below: WOR pairs and a retrieved chain
+    "iid+retrieved": (TreeTopology((-1, 0, 0, 1, 1, 2)),
+                      [P.root, P.iid, P.retrieved, P.wor, P.wor, P.retrieved]),
+    # top-k picks followed by sampled ones under one parent
+    "topk+wor": (TreeTopology((-1, 0, 0, 0, 1)), [P.root, P.topk, P.wor, P.wor, P.iid]),
+}
+
+
+@pytest.mark.parametrize("name", list(MIXED))
+@pytest.mark.parametrize("rule", [A.AUTO, A.SAMPLE_MATCH])
+def test_mixed_provenance_per_parent(name, rule):
+    """Each child's proposal comes from its own provenance (a WOR child excludes only the earlier WOR
+    siblings), so one parent may mix sampled and retrieved / top-k children."""
+    topo, provs = MIXED[name]
+    assert_lossless(World(V=4, seed=1000), topo, provs, rule)
+
+
+def test_mixed_provenance_needs_per_child_proposals():
+    """Power check: treating the retrieved children as WOR draws (rrs_wor for all) is visibly biased."""
+    topo, provs = MIXED["wor+retrieved"]
+    w = World(V=4, seed=906)
+    assert max_bias(w, topo, provs, A.RRS_WOR, (1, 2), 2) > BIAS
+    assert max_bias(w, topo, provs, A.AUTO, (1, 2), 2) < TOL
+
+
+def test_wor_support_smaller_than_branching():
+    """A drafter whose p has 2 tokens cannot draw 3 WOR children: it drafts 2 (the tree is pruned), and
+    the step stays exact."""
+    w = World(V=5, seed=42, d_keep=(1, 3))
+    topo = TreeTopology.static([3, 1])
+    ns = {d[0].n for d, _ in enumerate_drafter(world_drafter(w, topo, provs_for(topo, WOR)), (1, 2))}
+    assert ns == {5}
+    assert_lossless(w, topo, WOR, A.AUTO)
+
+
+# ---------------------------------------------------------------------------------------------------
 # rrs_step / child_proposal edge cases, exactly
 # ---------------------------------------------------------------------------------------------------
 def _dist(vals) -> torch.Tensor:
@@ -527,18 +694,22 @@ def _dist(vals) -> torch.Tensor:
     return t / t.sum()
 
 
+def _x(i: int) -> torch.Tensor:
+    return torch.tensor(i)
+
+
 def test_rrs_step_p_equals_q_accepts_with_probability_one():
     q = _dist([1, 2, 3, 4])
     for x in range(4):
-        a, res = rrs_step(q, x, q.clone())
-        assert a == 1.0 and res is None
+        a, res, stop = rrs_step(q, _x(x), q.clone())
+        assert a == 1.0 and stop and torch.equal(res, q)
 
 
 def test_rrs_step_q_zero_never_accepts():
     q = _dist([0, 2, 3, 5])
     p = _dist([4, 1, 1, 1])
-    a, res = rrs_step(q, 0, p)
-    assert a == 0.0
+    a, res, stop = rrs_step(q, _x(0), p)
+    assert a == 0.0 and not stop
     want = torch.clamp(q - p, min=0)
     assert torch.allclose(res, want / want.sum(), rtol=0, atol=TOL)
     assert res[0] == 0.0
@@ -547,21 +718,35 @@ def test_rrs_step_q_zero_never_accepts():
 def test_rrs_step_zero_proposal_never_accepts_and_keeps_residual():
     q = _dist([1, 2, 3, 4])
     r = _dist([0, 1, 1, 1])
-    a, res = rrs_step(q, 0, r)
-    assert a == 0.0 and torch.equal(res, q)
-    a, res = rrs_step(q, 1, torch.zeros(4, dtype=torch.float64))  # the deterministic-without-probs case
-    assert a == 0.0 and torch.equal(res, q)
+    a, res, stop = rrs_step(q, _x(0), r)
+    assert a == 0.0 and torch.equal(res, q) and not stop
+    a, res, stop = rrs_step(q, _x(1), torch.zeros(4, dtype=torch.float64))  # the deterministic-without-probs case
+    assert a == 0.0 and torch.equal(res, q) and not stop
 
 
 def test_rrs_step_delta_proposal():
     q = _dist([1, 2, 3, 4])
     r = torch.zeros(4, dtype=torch.float64)
     r[2] = 1.0
-    a, res = rrs_step(q, 2, r)
-    assert abs(a - 0.3) < TOL
+    a, res, stop = rrs_step(q, _x(2), r)
+    assert abs(float(a) - 0.3) < TOL and not stop
     assert torch.allclose(res, _dist([1, 2, 0, 4]), rtol=0, atol=TOL)
-    a, res = rrs_step(r, 2, r)  # point-mass target on the proposed token
-    assert a == 1.0 and res is None
+    a, res, stop = rrs_step(r, _x(2), r)  # point-mass target on the proposed token
+    assert a == 1.0 and stop
+
+
+def test_rrs_step_batched_rows_equal_single_rows():
+    """The [B, V] form is the [V] form row by row, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    res = torch.softmax(torch.randn(6, 7, generator=g, dtype=torch.float64), -1)
+    r = torch.softmax(torch.randn(6, 7, generator=g, dtype=torch.float64), -1)
+    r[2] = res[2]
+    x = torch.randint(0, 7, (6,), generator=g)
+    a, nres, stop = rrs_step(res, x, r)
+    for b in range(6):
+        a1, n1, s1 = rrs_step(res[b], x[b], r[b])
+        assert torch.equal(a[b], a1) and torch.equal(nres[b], n1) and bool(stop[b]) == bool(s1)
+    assert bool(stop[2])
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -572,21 +757,32 @@ def test_rrs_step_single_stage_is_lossless(seed):
     r = torch.softmax(torch.randn(5, generator=g, dtype=torch.float64) * 2, -1)
     out = torch.zeros(5, dtype=torch.float64)
     for x in range(5):
-        a, res = rrs_step(q, x, r)
+        a, res, _ = rrs_step(q, _x(x), r)
         assert a == min(1.0, float(q[x] / r[x]))
         out[x] += r[x] * a
         out += r[x] * (1 - a) * res
     assert torch.allclose(out, q, rtol=0, atol=TOL)
 
 
+def _prop(prov: Provenance, rule: AcceptanceRule, p: torch.Tensor, x: int, earlier: list[int]) -> torch.Tensor:
+    mask = torch.zeros(p.shape[-1], dtype=torch.bool)
+    mask[earlier] = True
+    return child_proposal(torch.tensor(int(prov)), rule, p, _x(x), mask)
+
+
 def test_child_proposal_table():
     p = _dist([1, 2, 3, 4])
-    assert torch.equal(child_proposal(IID, A.AUTO, p, 1, [3]), p)
-    assert torch.equal(child_proposal(WOR, A.RRS_DRAFT_PROBS, p, 1, [3]), p)
-    assert torch.allclose(child_proposal(WOR, A.AUTO, p, 1, [3]), _dist([1, 2, 3, 0]), rtol=0, atol=TOL)
-    assert torch.allclose(child_proposal(IID, A.RRS_WOR, p, 1, [3, 0]), _dist([0, 2, 3, 0]), rtol=0, atol=TOL)
-    assert torch.equal(child_proposal(WOR, A.AUTO, p, 1, []), p)
-    d = child_proposal(DET, A.AUTO, p, 2, [0, 1])
-    assert d.tolist() == [0.0, 0.0, 1.0, 0.0]
-    assert torch.equal(child_proposal(DET, A.RRS_DRAFT_PROBS, p, 2, [0]), p)
+    assert torch.equal(_prop(P.iid, A.AUTO, p, 1, [3]), p)
+    assert torch.equal(_prop(P.wor, A.RRS_DRAFT_PROBS, p, 1, [3]), p)
+    assert torch.allclose(_prop(P.wor, A.AUTO, p, 1, [3]), _dist([1, 2, 3, 0]), rtol=0, atol=TOL)
+    assert torch.allclose(_prop(P.iid, A.RRS_WOR, p, 1, [3, 0]), _dist([0, 2, 3, 0]), rtol=0, atol=TOL)
+    assert torch.allclose(_prop(P.wor, A.AUTO, p, 1, []), p, rtol=0, atol=1e-15)
+    for prov in (P.topk, P.retrieved):
+        d = _prop(prov, A.AUTO, p, 2, [0, 1])
+        assert d.tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert torch.equal(_prop(P.topk, A.RRS_DRAFT_PROBS, p, 2, [0]), p)
     assert torch.equal(p, _dist([1, 2, 3, 4]))  # inputs are not mutated
+    # which children leave the later siblings' WOR proposals
+    provs = torch.tensor([int(x) for x in (P.topk, P.iid, P.wor, P.retrieved)])
+    assert removes_later(provs, A.AUTO).tolist() == [False, False, True, False]
+    assert removes_later(provs, A.RRS_WOR).tolist() == [True] * 4
