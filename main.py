@@ -48,6 +48,7 @@ def output_dir(spec: SpecConfig) -> Path:
 
 def run(cfg: Union[DictConfig, SpecConfig]) -> dict:
     """The whole pipeline for one config; returns the task's result dict (also written as result.json)."""
+    from runtime.device import host
     from runtime.load import load
     from runtime.tasks import hydra_overrides, run_bench, run_generate
     from spec_compiler.plan import make_plan
@@ -57,7 +58,7 @@ def run(cfg: Union[DictConfig, SpecConfig]) -> dict:
     if spec.task.kind is TaskKind.train:  # the inference groups play no part in training
         from training.train import run_train
         return run_train(spec.train, command=" ".join(hydra_overrides()))
-    plan = make_plan(validate(spec))
+    plan = make_plan(validate(spec, host()))
     rt = load(plan)
     out = output_dir(spec)
     task = run_bench if spec.task.kind is TaskKind.bench else run_generate

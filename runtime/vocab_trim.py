@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from runtime.decode import decode
 from runtime.drafters import NoDrafter
-from runtime.models.checkpoint import sha256_file
+from spec_compiler.checkpoint import sha256_file
 from spec_compiler.errors import CheckpointError, ConfigError
 from spec_compiler.plan import Plan, VocabTrimPlan
 from spec_compiler.validate import PROJECT_ROOT

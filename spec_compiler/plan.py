@@ -1,13 +1,14 @@
 """The frozen plan: everything downstream (codegen, runtime) reads from here, never from the config.
 
-`make_plan(resolved)` is a pure function of the validated config. The plan is JSON-serialisable and has
-a stable hash over its canonical JSON (sorted keys, tuples), a PLAN_VERSION, the library versions and the
-device kind, so a compiled artifact can be keyed by it. Run-time settings (prompts, max_new_tokens, seed)
+`make_plan(resolved)` is a pure function of the validated config (and the host it was resolved on). The
+plan is JSON-serialisable and has a stable hash over its canonical JSON (sorted keys, tuples), which holds
+a PLAN_VERSION, the library versions and the device kind, so a compiled artifact can be keyed by it. Run-time settings (prompts, max_new_tokens, seed)
 are not part of the plan.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -92,32 +93,28 @@ class Plan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    environment: tuple[tuple[str, Optional[str]], ...] = ()
+    """(name, value) pairs that determine compiled output: library versions and the device (`environment`)."""
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     def plan_hash(self) -> str:
-        return hashlib.sha256(json.dumps({"plan": self.to_dict(), "env": environment()}, sort_keys=True)
-                              .encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
     @property
     def readable_name(self) -> str:
         return f"{self.name}-{self.plan_hash()}"
 
 
-def environment() -> dict:
-    """Library versions and device kind that determine compiled output."""
-    import torch
-    env = {"torch": torch.__version__}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if torch.cuda.is_available():
-        env["device"] = f"{torch.cuda.get_device_name()} sm{''.join(map(str, torch.cuda.get_device_capability()))}"
-    else:
-        env["device"] = "cpu"
-    return env
+def environment(device_name: str) -> tuple[tuple[str, Optional[str]], ...]:
+    """Library versions (installed distributions, read without importing them) and the device kind."""
+    env = {"device": device_name}
+    for lib in ("torch", "triton"):
+        try:
+            env[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            env[lib] = None
+    return tuple(sorted(env.items()))
 
 
 def _canonical(v):
@@ -137,14 +134,6 @@ def _model_plan(m: ModelConfig, arch, kind: str) -> ModelPlan:
 
 def _kind(m: ModelConfig, target: ModelConfig) -> str:
     return (target if m.source is ModelSource.target_copy else m).arch.value
-
-
-def _device(resolved: Resolved) -> str:
-    dev = resolved.cfg.backend.device.value
-    if dev == "auto":
-        import torch
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    return dev
 
 
 def _vocab_trim_plan(resolved: Resolved) -> Optional[VocabTrimPlan]:
@@ -193,9 +182,10 @@ def make_plan(resolved: Resolved) -> Plan:
         top_k=int(s.top_k),
         top_p=float(s.top_p),
         backend=cfg.backend.kind.value,
-        device=_device(resolved),
+        device=resolved.device,
         max_seq_len=cfg.target.max_seq_len,
         cache_capacity=cfg.target.max_seq_len + topo.n,
         vocab_trim=_vocab_trim_plan(resolved),
-        cpu_transforms=_cpu_transforms(resolved, _device(resolved)),
+        cpu_transforms=_cpu_transforms(resolved, resolved.device),
+        environment=environment(resolved.device_name),
     )

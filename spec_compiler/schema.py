@@ -15,7 +15,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from runtime.sampling import AcceptanceRule
+from spec_compiler.arch import GATED_MLP_MULTIPLE
 from spec_compiler.errors import ConfigError
 
 
@@ -109,6 +109,35 @@ class WeightDType(str, enum.Enum):
 
 
 @dataclass
+# Lower-case names are canonical (config files spell them so); upper-case names are aliases.
+class ChildKind(str, enum.Enum):
+    """How a node's children were drawn from the drafter: what the verifier takes as their proposal."""
+    deterministic = "deterministic"
+    """top-k / static / retrieval / n-gram pick: proposal δ(x)."""
+    iid = "iid"
+    """sampled with replacement from p: proposal p for every sibling."""
+    wor = "wor"
+    """sampled without replacement (Gumbel-top-k): p minus earlier siblings, renormalised."""
+    DETERMINISTIC = "deterministic"
+    IID = "iid"
+    WOR = "wor"
+
+
+class AcceptanceRule(str, enum.Enum):
+    auto = "auto"
+    """RRS with each child's true proposal (derived from ChildKind). Always lossless."""
+    sample_match = "sample_match"
+    """Draw y ~ q at each node and follow the child equal to y. Always lossless, accepts less."""
+    rrs_draft_probs = "rrs_draft_probs"
+    """RRS using the raw drafter p for every child. Lossless only for i.i.d. children."""
+    rrs_wor = "rrs_wor"
+    """RRS using p minus earlier siblings for every child. Lossless only for WOR children."""
+    AUTO = "auto"
+    SAMPLE_MATCH = "sample_match"
+    RRS_DRAFT_PROBS = "rrs_draft_probs"
+    RRS_WOR = "rrs_wor"
+
+
 class ModelConfig:
     """A causal LM: where its weights come from and, for random weights, its architecture."""
 
@@ -461,10 +490,6 @@ class TrainConfig:
         if self.max_position_embeddings is not None and self.max_position_embeddings < self.seq_len:
             raise ConfigError("train.max_position_embeddings", f"must be >= seq_len ({self.seq_len}) or null",
                               self.max_position_embeddings)
-
-
-GATED_MLP_MULTIPLE = 128
-"""mamba-ssm's GatedMLP rounds its width up to this; a trained d_intermediate must already be a multiple."""
 
 
 def check_arch(key: str, a) -> None:

@@ -1,5 +1,8 @@
 """Tokenizers: a checkpoint's `tokenizer.json`, or the built-in byte-level one for models built from config.
 
+Validation compares a drafter's vocabulary with the target's through here; the runtime encodes and decodes
+with the same objects (the `tokenizers` library, no torch).
+
 The built-in tokenizer is a `tokenizers` byte-level BPE with no merges: ids 0-255 are the bytes in
 GPT-2's byte-to-unicode order and id 256 is `<|endoftext|>` (so a 257-token model covers any text).
 """
@@ -10,7 +13,8 @@ from typing import Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from runtime.models.checkpoint import load_tokenizer, load_tokenizer_file
+from spec_compiler.checkpoint import checkpoint_dir, verify_manifest
+from spec_compiler.errors import CheckpointError
 
 EOT = "<|endoftext|>"
 
@@ -45,3 +49,19 @@ def get_tokenizer(path: Optional[str]) -> Tokenizer:
         return byte_level_tokenizer()
     p = Path(path)
     return load_tokenizer(p) if p.is_dir() else load_tokenizer_file(p)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The `tokenizer.json` of a checkpoint directory (checked against its manifest.json, if any)."""
+    d = checkpoint_dir(path)
+    verify_manifest(d, ["tokenizer.json"])
+    return load_tokenizer_file(d / "tokenizer.json")
+
+
+def load_tokenizer_file(file: Path) -> Tokenizer:
+    if not file.is_file():
+        raise CheckpointError(str(file), "file not found")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises bare Exception subclasses for malformed files
+        raise CheckpointError(str(file), f"not a valid tokenizers file ({e})") from None

@@ -13,14 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from runtime.models.checkpoint import read_llama_config
-from runtime.models.llama import LlamaConfig
-from runtime.models.mamba2 import Mamba2Config
-from runtime.models.mamba_checkpoint import read_mamba2_config
-from runtime.sampling import AcceptanceRule, ChildKind
+from spec_compiler.arch import LlamaConfig, Mamba2Config
+from spec_compiler.checkpoint import read_llama_config, read_mamba2_config
 from spec_compiler.errors import CheckpointError, ConfigError
-from spec_compiler.schema import (Arch, ChildSampling, Device, check_arch, DrafterKind, ModelConfig, ModelSource, SpecConfig,
-                                  TreePolicy)
+from spec_compiler.schema import (AcceptanceRule, Arch, ChildKind, ChildSampling, check_arch, Device, DrafterKind,
+                                  ModelConfig, ModelSource, SpecConfig, TreePolicy)
+from spec_compiler.tokenizer import get_tokenizer
 from spec_compiler.tree import TreeTopology
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +32,15 @@ class IneffectiveSettingWarning(UserWarning):
 
 
 @dataclass(frozen=True)
+class Host:
+    """The machine a plan is made for, as the runtime sees it (`runtime.device.host()`): spec_compiler never
+    probes the hardware (it imports no torch)."""
+
+    cuda_device: Optional[str] = None
+    """The CUDA device's name and compute capability (e.g. "NVIDIA H200 sm90"); None = no usable GPU."""
+
+
+@dataclass(frozen=True)
 class Resolved:
     """A validated config plus what validation had to read to check it (the models' architectures)."""
 
@@ -43,6 +50,10 @@ class Resolved:
     topology: TreeTopology
     child_kind: ChildKind
     acceptance: AcceptanceRule
+    device: str
+    """backend.device resolved on the host: "cpu" | "cuda"."""
+    device_name: str
+    """"cpu" or the CUDA device (Host.cuda_device): compiled output depends on it."""
 
 
 def resolve_path(p: str) -> Path:
@@ -140,7 +151,7 @@ def _check_sampling(cfg: SpecConfig, topo: TreeTopology, kind: ChildKind) -> Non
     # allowed, unlike the "i.i.d. + WOR zeroing" row of ALGORITHMS.md §8.3, which assumes repeats are tried.
 
 
-def validate(cfg: SpecConfig) -> Resolved:
+def validate(cfg: SpecConfig, host: Host) -> Resolved:
     """All cross-field rules; returns the resolved config or raises one ConfigError."""
     t = cfg.target
     if t.max_seq_len < 2:
@@ -190,21 +201,23 @@ def validate(cfg: SpecConfig) -> Resolved:
     dp = cfg.task.default_prompts
     if cfg.prompts is None and cfg.prompt is None and dp is not None and not resolve_path(dp).is_file():
         raise ConfigError("task.default_prompts", f"prompt file not found: {resolve_path(dp)}", dp)
-    if cfg.backend.device is Device.cuda:
-        import torch
-        if not torch.cuda.is_available():
-            raise ConfigError("backend.device", "CUDA is not available on this machine (use auto or cpu)", "cuda")
-    _check_cpu_transforms(cfg)
-    return Resolved(cfg, target_arch, drafter_arch, topo, kind, cfg.sampling.acceptance)
+    device = _device(cfg, host)
+    _check_cpu_transforms(cfg, device)
+    return Resolved(cfg, target_arch, drafter_arch, topo, kind, cfg.sampling.acceptance, device,
+                    host.cuda_device if device == "cuda" else "cpu")
 
 
-def _check_cpu_transforms(cfg: SpecConfig) -> None:
-    ct, dev = cfg.backend.cpu_transforms, cfg.backend.device
+def _device(cfg: SpecConfig, host: Host) -> str:
+    dev = cfg.backend.device
+    if dev is Device.cuda and host.cuda_device is None:
+        raise ConfigError("backend.device", "CUDA is not available on this machine (use auto or cpu)", "cuda")
+    return "cpu" if dev is Device.cpu or host.cuda_device is None else "cuda"
+
+
+def _check_cpu_transforms(cfg: SpecConfig, device: str) -> None:
+    ct = cfg.backend.cpu_transforms
     named = [k for k in ("fp16_weight_gemm", "rmsnorm_layernorm", "gemv_head") if getattr(ct, k) is not None]
-    if not named or dev is Device.cpu:
-        return
-    import torch
-    if dev is Device.cuda or torch.cuda.is_available():
+    if named and device == "cuda":
         _warn(f"backend.cpu_transforms.{'/'.join(named)}", "no effect on cuda (CPU fast paths, device=cpu only)")
 
 
@@ -229,7 +242,6 @@ def _check_same_tokenizer(cfg: SpecConfig) -> None:
 
     The target's tokenizer is the one it will run with: `target.tokenizer`, else its checkpoint's, else the
     built-in byte-level one (random weights)."""
-    from runtime.tokenizer import get_tokenizer
     t, dm = cfg.target, cfg.drafter.model
     if dm.source is not ModelSource.checkpoint:
         return  # random and target_copy drafters speak the target's ids

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 import main  # noqa: E402,F401  (registers the schemas in Hydra's ConfigStore)
 from runtime.models.checkpoint import save_llama  # noqa: E402
 from runtime.models.llama import LlamaConfig, init_random  # noqa: E402
-from runtime.tokenizer import byte_level_tokenizer  # noqa: E402
+from spec_compiler.tokenizer import byte_level_tokenizer  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

@@ -45,10 +45,12 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from runtime.models.checkpoint import MANIFEST, save_llama, sha256_file
-from runtime.models.llama import LlamaConfig, LlamaModel
-from runtime.models.mamba2 import Mamba2Config, Mamba2LMModel
+from runtime.models.checkpoint import save_llama
+from runtime.models.llama import LlamaModel
+from runtime.models.mamba2 import Mamba2LMModel
 from runtime.models.mamba_checkpoint import save_hf_mamba2, save_mamba_ssm
+from spec_compiler.arch import LlamaConfig, Mamba2Config
+from spec_compiler.checkpoint import MANIFEST, sha256_file
 from spec_compiler.errors import CheckpointError, ConfigError
 from spec_compiler.schema import Arch, ArchConfig, DistillLoss, TrainConfig, WeightDType
 from spec_compiler.validate import resolve_path

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,59 +25,7 @@ from torch import Tensor, nn
 
 from runtime.batch import Block
 from runtime.models.norm import RMSNorm
-
-FAMILIES = ("llama", "qwen2", "mistral")
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    head_dim: int | None = None
-    """Per-head width; None means hidden_size // num_heads."""
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None
-    """None (plain RoPE) or sorted (key, value) pairs with rope_type "llama3" and LLAMA3_ROPE_KEYS."""
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    """Bias on q/k/v. HF Llama puts it on o_proj as well, Qwen2 (always True) does not: see `o_bias`."""
-    max_position_embeddings: int = 2048
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
-    family: str = "llama"
-    """"llama" | "qwen2" | "mistral"."""
-
-    def __post_init__(self):
-        if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
-        elif self.rope_scaling is not None:
-            object.__setattr__(self, "rope_scaling", tuple(sorted(tuple(kv) for kv in self.rope_scaling)))
-        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
-        assert self.family in FAMILIES, self.family
-        assert self.num_heads % self.num_kv_heads == 0, (self.num_heads, self.num_kv_heads)
-
-    @property
-    def o_bias(self) -> bool:
-        return self.attention_bias and self.family == "llama"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
-        d["eos_token_ids"] = list(self.eos_token_ids)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
+from spec_compiler.arch import LlamaConfig
 
 def rope_inv_freq(config: LlamaConfig, device: torch.device | str = "cpu") -> Tensor:
     """Inverse RoPE frequencies in fp32, [D // 2], with Llama-3 scaling when configured."""

@@ -7,9 +7,11 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models
 
-from runtime.models.checkpoint import (config_from_hf, load_llama, load_tokenizer, read_eos_ids, save_llama)
+from runtime.models.checkpoint import load_llama, save_llama
 from runtime.models.llama import LlamaConfig, init_random
+from spec_compiler.checkpoint import config_from_hf, read_eos_ids
 from spec_compiler.errors import CheckpointError
+from spec_compiler.tokenizer import load_tokenizer
 
 transformers.logging.set_verbosity_error()
 

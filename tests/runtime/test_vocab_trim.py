@@ -10,6 +10,7 @@ import torch
 
 import main
 from runtime import vocab_trim
+from runtime.device import host
 from runtime.decode import decode
 from runtime.drafters import ModelDrafter
 from runtime.models import mamba2
@@ -113,7 +114,7 @@ def _overrides(tmp_path, **kw):
 
 def test_calibration_is_written_once_then_reused(compose, tmp_path, monkeypatch):
     from runtime.load import load
-    plan = make_plan(validate(main.to_spec(compose(_overrides(tmp_path)))))
+    plan = make_plan(validate(main.to_spec(compose(_overrides(tmp_path))), host()))
     assert plan.vocab_trim is not None and plan.vocab_trim.size == 64
     rt = load(plan)
     art = json.loads((tmp_path / "vt.json").read_text())
@@ -136,8 +137,8 @@ def test_calibration_is_written_once_then_reused(compose, tmp_path, monkeypatch)
 
 def test_stale_or_corrupt_calibration_is_refused(compose, tmp_path):
     from runtime.load import load
-    load(make_plan(validate(main.to_spec(compose(_overrides(tmp_path))))))
-    other = make_plan(validate(main.to_spec(compose(_overrides(tmp_path, max_new_tokens=7)))))
+    load(make_plan(validate(main.to_spec(compose(_overrides(tmp_path))), host())))
+    other = make_plan(validate(main.to_spec(compose(_overrides(tmp_path, max_new_tokens=7))), host()))
     with pytest.raises(CheckpointError) as e:
         load(other)
     assert e.value.where.endswith("vt.json") and "another target" in e.value.reason
@@ -151,7 +152,7 @@ def test_default_artifact_location_is_keyed(compose, tmp_path, monkeypatch):
     from runtime.load import load
     monkeypatch.setattr(vocab_trim, "ARTIFACT_DIR", tmp_path / "artifacts")
     ov = [o for o in _overrides(tmp_path) if ".artifact=" not in o]
-    plan = make_plan(validate(main.to_spec(compose(ov))))
+    plan = make_plan(validate(main.to_spec(compose(ov)), host()))
     load(plan)
     key, _ = vocab_trim.calibration_key(plan)
     assert (tmp_path / "artifacts" / f"{key}.json").is_file()
@@ -166,13 +167,13 @@ def test_default_artifact_location_is_keyed(compose, tmp_path, monkeypatch):
 ])
 def test_bad_settings_name_the_key(compose, overrides, key):
     with pytest.raises(ConfigError) as e:
-        validate(main.to_spec(compose(overrides)))
+        validate(main.to_spec(compose(overrides)), host())
     assert e.value.where == key
 
 
 def test_unknown_keep_token_names_the_key(compose, tmp_path):
     from runtime.load import load
-    plan = make_plan(validate(main.to_spec(compose(_overrides(tmp_path, keep="[no_such_token_xyz]")))))
+    plan = make_plan(validate(main.to_spec(compose(_overrides(tmp_path, keep="[no_such_token_xyz]"))), host()))
     with pytest.raises(ConfigError) as e:
         load(plan)
     assert e.value.where == "drafter.vocab_trim.keep"
@@ -180,7 +181,7 @@ def test_unknown_keep_token_names_the_key(compose, tmp_path):
 
 def test_size_at_least_the_vocabulary_warns_and_trims_nothing(compose, tmp_path):
     with pytest.warns(IneffectiveSettingWarning, match="drafter.vocab_trim.size"):
-        plan = make_plan(validate(main.to_spec(compose(_overrides(tmp_path, size=257)))))
+        plan = make_plan(validate(main.to_spec(compose(_overrides(tmp_path, size=257))), host()))
     assert plan.vocab_trim is None
 
 
@@ -188,7 +189,7 @@ def test_malformed_calibration_prompts_name_the_key(compose, tmp_path):
     from runtime.load import load
     bad = tmp_path / "calib.jsonl"
     bad.write_text('{"turns": ["fine"]}\n{"no_turns": 1}\n')
-    plan = make_plan(validate(main.to_spec(compose(_overrides(tmp_path, prompts=str(bad))))))
+    plan = make_plan(validate(main.to_spec(compose(_overrides(tmp_path, prompts=str(bad)))), host()))
     with pytest.raises(ConfigError) as e:
         load(plan)
     assert e.value.where == "drafter.vocab_trim.prompts" and "calib.jsonl:2" in e.value.reason

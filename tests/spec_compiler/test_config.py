@@ -14,6 +14,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from tokenizers import Tokenizer, models
 
 import main
+from runtime.device import host
 from spec_compiler.errors import CheckpointError, ConfigError, InputError
 from spec_compiler.plan import Plan, make_plan
 from spec_compiler.validate import IneffectiveSettingWarning, validate
@@ -23,7 +24,7 @@ ignore_ineffective = pytest.mark.filterwarnings("ignore::spec_compiler.validate.
 
 
 def plan_of(cfg) -> Plan:
-    return make_plan(validate(main.to_spec(cfg)))
+    return make_plan(validate(main.to_spec(cfg), host()))
 
 
 def listify(x):
@@ -103,7 +104,7 @@ def test_branching_list_and_tuple_give_the_same_plan(compose):
     spec = main.to_spec(compose(["tree=static"]))
     assert isinstance(spec.tree.branching, list)
     as_tuple = dataclasses.replace(spec, tree=dataclasses.replace(spec.tree, branching=(4, 2, 2, 1)))
-    a, b = make_plan(validate(spec)), make_plan(validate(as_tuple))
+    a, b = make_plan(validate(spec, host())), make_plan(validate(as_tuple, host()))
     assert isinstance(a.tree_parents, tuple)
     assert a == b and a.to_json() == b.to_json() and a.plan_hash() == b.plan_hash()
 
@@ -253,7 +254,7 @@ def test_malformed_prompts_file(compose, tmp_path, rows):
     path = tmp_path / "q.jsonl"
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     spec = main.to_spec(compose([f"prompts={path}"]))
-    validate(spec)  # the file exists; its rows are read by the task
+    validate(spec, host())  # the file exists; its rows are read by the task
     with pytest.raises(ConfigError) as e:
         read_questions(spec)
     assert e.value.where == "prompts"

@@ -8,18 +8,20 @@ import json
 import pytest
 
 import main
-from runtime.models.mamba2 import Mamba2Config, init_random_mamba2
+from runtime.device import host
+from runtime.models.mamba2 import init_random_mamba2
 from runtime.models.mamba_checkpoint import save_hf_mamba2, save_mamba_ssm
-from runtime.tokenizer import byte_level_tokenizer
+from spec_compiler.arch import Mamba2Config
 from spec_compiler.errors import ConfigError
 from spec_compiler.plan import make_plan
+from spec_compiler.tokenizer import byte_level_tokenizer
 from spec_compiler.validate import validate
 
 SSM = dict(vocab_size=257, d_model=32, n_layer=2, d_state=8, headdim=16, chunk_size=64)
 
 
 def plan_of(cfg):
-    return make_plan(validate(main.to_spec(cfg)))
+    return make_plan(validate(main.to_spec(cfg), host()))
 
 
 @pytest.mark.parametrize("target", ["mamba2_tiny", "hybrid_tiny"])

@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 
 import main
 import training.train as train_mod
-from runtime.models.checkpoint import MANIFEST_MISMATCH, load_llama, load_tokenizer, read_eos_ids
+from runtime.models.checkpoint import load_llama
+from spec_compiler.checkpoint import MANIFEST_MISMATCH, read_eos_ids
 from spec_compiler.errors import CheckpointError, ConfigError
+from spec_compiler.tokenizer import load_tokenizer
 from tests.conftest import ROOT, compose_config
 from training.corpus import EOT
 from training.train import lr_factor, run_train

@@ -14,11 +14,13 @@ import torch
 
 import main
 import training.train as train_mod
-from runtime.models.checkpoint import MANIFEST_MISMATCH, load_llama, load_tokenizer, read_eos_ids
+from runtime.models.checkpoint import load_llama
 from runtime.models.llama import LlamaModel
 from runtime.models.mamba2 import Mamba2LMModel
-from runtime.models.mamba_checkpoint import load_mamba2, read_mamba2_config
+from runtime.models.mamba_checkpoint import load_mamba2
+from spec_compiler.checkpoint import MANIFEST_MISMATCH, read_eos_ids, read_mamba2_config
 from spec_compiler.errors import CheckpointError, ConfigError
+from spec_compiler.tokenizer import load_tokenizer
 from tests.conftest import compose_config
 from training.corpus import EOT
 from training.train import run_train
