@@ -77,7 +77,7 @@ def test_shared_slots_and_single_layer():
 @given(topos=st.lists(tree_topologies(), min_size=1, max_size=3), prefix_len=st.sampled_from([0, 1, 37]),
        data=st.data())
 def test_accepted_paths_of_random_trees(topos, prefix_len, data):
-    """src = prefix_len + (accepted root-to-node path), dst = prefix_len, per request; also == KVCache.compact."""
+    """src = prefix_len + (accepted root-to-node path), dst = prefix_len, per request; also == KVCache.commit."""
     B, N = len(topos), max(t.n for t in topos)
     M = max(t.max_depth for t in topos) + 1
     src = torch.zeros(B, M, dtype=torch.int64)
@@ -91,12 +91,9 @@ def test_accepted_paths_of_random_trees(topos, prefix_len, data):
     cache.k.copy_(k.cpu())
     cache.v.copy_(v.cpu())
     check(k, v, src, num, prefix_len)
-    for b in range(B):  # the existing torch implementation, one request at a time
-        one = KVCache(2, 1, 2, cache.capacity, 24, dtype=torch.bfloat16)
-        one.k.copy_(cache.k[:, b:b + 1])
-        one.v.copy_(cache.v[:, b:b + 1])
-        one.compact(src[b, :num[b]], prefix_len)
-        assert torch.equal(one.k[:, 0], k[:, b].cpu()) and torch.equal(one.v[:, 0], v[:, b].cpu())
+    # the engine's torch implementation, every row at once: KVCache.commit of each row's path (node offsets)
+    cache.commit([prefix_len] * B, [(src[b, :num[b]] - prefix_len).tolist() for b in range(B)])
+    assert torch.equal(cache.k, k.cpu()) and torch.equal(cache.v, v.cpu())
 
 
 def test_compaction_equals_prefill_of_the_path():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+from runtime.batch import Block, window_mask
 from runtime.models.llama import LlamaConfig, init_random, perturbed_copy
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
@@ -28,7 +29,8 @@ def trees(draw):
     return draw(st.integers(1, 6)), parents  # prefix length, parent of each node (-1: hangs off the prefix)
 
 
-def tree_inputs(P, parents):
+def tree_inputs(P, parents, B=1):
+    """A Block for a forest of n nodes after a P-token prefix (node i at slot P + i; -1: hangs off the prefix)."""
     n = len(parents)
     anc = torch.eye(n, dtype=torch.bool)  # anc[i, j]: j is i or an ancestor of i
     depth = [0] * n
@@ -36,8 +38,13 @@ def tree_inputs(P, parents):
         if p >= 0:
             anc[i] |= anc[p]
             depth[i] = depth[p] + 1
-    mask = torch.cat([torch.ones(n, P, dtype=torch.bool), anc], dim=1)  # [n, P + n]
-    return mask, torch.tensor(depth) + P, anc
+    lengths = torch.full((B,), P)
+    slots = (P + torch.arange(n)).expand(B, n)
+    parent_slots = torch.tensor([P + p if p >= 0 else P - 1 for p in parents]).expand(B, n)
+    block = Block(slots, (torch.tensor(depth) + P).expand(B, n), parent_slots,
+                  window_mask(lengths, lengths, anc.expand(B, n, n), P + n), lengths, anc=anc.expand(B, n, n),
+                  offsets=torch.arange(n).expand(B, n))
+    return block, anc
 
 
 def path_to(anc, i):
@@ -52,11 +59,11 @@ def test_tree_mask_matches_path_forward(tree, seed):
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, CFG.vocab_size, (2, P), generator=g)
     nodes = torch.randint(0, CFG.vocab_size, (2, n), generator=g)
-    mask, pos, anc = tree_inputs(P, parents)
+    block, anc = tree_inputs(P, parents, B=2)
     with torch.no_grad():
         cache = MODEL.new_cache(2, P + n)
         MODEL(prefix, torch.arange(P).expand(2, P), cache, 0)
-        out = MODEL(nodes, pos.expand(2, n), cache, P, attn_mask=mask)  # [2, n, V]
+        out = MODEL(nodes, block.positions, cache, block)  # [2, n, V]
         for i in range(n):
             ref = causal_logits(MODEL, torch.cat([prefix, nodes[:, path_to(anc, i)]], dim=1))[:, -1]
             torch.testing.assert_close(out[:, i], ref, atol=1e-5, rtol=0)
@@ -70,15 +77,15 @@ def test_compact_keeps_accepted_path(tree, seed):
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, CFG.vocab_size, (1, P), generator=g)
     nodes = torch.randint(0, CFG.vocab_size, (1, n), generator=g)
-    mask, pos, anc = tree_inputs(P, parents)
+    block, anc = tree_inputs(P, parents)
     path = path_to(anc, int(torch.randint(0, n, (1,), generator=g)))
     m = path.numel()
     nxt = torch.randint(0, CFG.vocab_size, (1, 1), generator=g)
     with torch.no_grad():
         cache = MODEL.new_cache(1, P + n + 1)
         MODEL(prefix, torch.arange(P)[None], cache, 0)
-        MODEL(nodes, pos[None], cache, P, attn_mask=mask)
-        cache.compact(P + path, P)
+        MODEL(nodes, block.positions, cache, block)
+        cache.commit([P], [path.tolist()])
         ids = torch.cat([prefix, nodes[:, path]], dim=1)
         fresh = MODEL.new_cache(1, P + m + 1)
         MODEL(ids, torch.arange(P + m)[None], fresh, 0)
