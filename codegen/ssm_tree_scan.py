@@ -51,35 +51,42 @@ def ssm_tree_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, an
     """Outputs (and optionally states) of every tree node, by the masked SSD form.
 
     x: [b, T, H, P]; dt: [b, T, H] (after softplus and clamp); A: [H] (negative); B, C: [b, T, G, N];
-    anc: [T, T] bool, anc[i, j] iff j is i or an ancestor of i within the block; D: [H] or [H, P];
-    init_states: [b, R, H, P, N], the state before each block root (None: zeros);
-    init_index: [T] long, which initial state node i's path starts from (None: all 0).
+    anc: [T, T] or per row [b, T, T] bool, anc[.., i, j] iff j is i or an ancestor of i within the block;
+    D: [H] or [H, P]; init_states: [b, R, H, P, N], the state before each block root (None: zeros);
+    init_index: [T] or per row [b, T] long, which initial state node i's path starts from (None: all 0).
     Returns y: [b, T, H, P] and states: [b, T, H, P, N] (or None), in x's dtype promoted to fp32.
     """
     cdt = torch.promote_types(x.dtype, torch.float32)
-    x, dt, A, B, C = (t.to(cdt) for t in (x, dt, A, B, C))
-    H = x.shape[2]
+    b, T, H, P = x.shape
+    # Head-major and contiguous, so every product is a batched matmul whose per-row operands have one layout
+    # whatever b is: a row's result is then bitwise the same alone or in a batch (einsum's folding of
+    # strided inputs depends on the sizes).
+    xh = x.to(cdt).transpose(1, 2).contiguous()  # [b, H, T, P]
+    dth = dt.to(cdt).transpose(1, 2).contiguous()  # [b, H, T]
+    Bh = _expand_groups(B.to(cdt), H).transpose(1, 2).contiguous()  # [b, H, T, N]
+    Ch = _expand_groups(C.to(cdt), H).transpose(1, 2).contiguous()  # [b, H, T, N]
     anc = anc.to(torch.bool)
-    Bh, Ch = _expand_groups(B, H), _expand_groups(C, H)  # [b, T, H, N]
-    c = torch.einsum("ij,bjh->bih", anc.to(cdt), dt * A)  # [b, T, H] path-cumulative log-decay
-    seg = (c[:, :, None, :] - c[:, None, :, :]).clamp(max=0)  # [b, T(i), T(j), H]
-    L = torch.where(anc[None, :, :, None], seg.exp(), torch.zeros((), dtype=cdt))
-    W = L * dt[:, None, :, :]  # [b, T, T, H]: weight of node j's input in node i's state
-    CB = torch.einsum("bihn,bjhn->bijh", Ch, Bh)
-    y = torch.einsum("bijh,bjhp->bihp", W * CB, x)
+    anc = (anc.expand(b, T, T) if anc.dim() == 2 else anc)[:, None]  # [b, 1, T, T]
+    c = (anc.to(cdt) @ (dth * A.to(cdt)[:, None])[..., None])[..., 0]  # [b, H, T] path-cumulative log-decay
+    seg = (c[..., :, None] - c[..., None, :]).clamp(max=0)  # [b, H, T(i), T(j)]
+    W = torch.where(anc, seg.exp(), torch.zeros((), dtype=cdt)) * dth[..., None, :]  # weight of j's input in i
+    y = ((Ch @ Bh.transpose(-1, -2)) * W) @ xh  # [b, H, T, P]
     S = None
     if init_states is not None:
-        idx = torch.zeros(x.shape[1], dtype=torch.long, device=x.device) if init_index is None else init_index
-        S = init_states.to(cdt)[:, idx]  # [b, T, H, P, N]
-        y = y + c.exp()[..., None] * torch.einsum("bihn,bihpn->bihp", Ch, S)
+        idx = torch.zeros(T, dtype=torch.long, device=x.device) if init_index is None else init_index
+        rows = torch.arange(b, device=x.device)[:, None]
+        S = init_states.to(cdt)[rows, idx.expand(b, T)].transpose(1, 2).contiguous()  # [b, H, T, P, N]
+        y = y + c.exp()[..., None] * (S @ Ch[..., None])[..., 0]
     if D is not None:
-        y = y + (D.to(cdt)[:, None] if D.dim() == 1 else D.to(cdt)) * x
+        y = y + (D.to(cdt)[:, None] if D.dim() == 1 else D.to(cdt))[:, None] * xh
+    y = y.transpose(1, 2)  # [b, T, H, P]
     if not return_states:
         return y, None
-    states = torch.einsum("bijh,bjhp,bjhn->bihpn", W, x, Bh)
+    xB = (xh[..., None] * Bh[..., None, :]).view(b, H, T, P * Bh.shape[-1])  # [b, H, T, P*N]: j's input
+    states = (W @ xB).view(b, H, T, P, -1)  # [b, H, T, P, N]
     if S is not None:
         states = states + c.exp()[..., None, None] * S
-    return y, states
+    return y, states.transpose(1, 2)
 
 
 def ssm_tree_scan_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, parents: list[int], *,

@@ -9,24 +9,26 @@ Hugging Face `Mamba2Mixer`: in_proj -> [z, xBC, dt]; depthwise causal conv1d + S
 D skip; gated RMSNorm `norm(y * silu(z))` per group (norm_before_gate=False); out_proj. The attention
 mixer follows `mamba_ssm/modules/mha.py` (fused in_proj q|k|v, partial rotate-half RoPE, out_proj).
 
-`forward(input_ids, position_ids, cache, start, attn_mask)` has the Llama model's contract (slots
-[start, start + T), `attn_mask[i, j]` iff slot j is an ancestor-or-self of node i). An SSM layer reads
-each node's parent off the mask (the largest other visible slot) and runs one of three paths:
-- causal, T > 1 (prefill, drafter catch-up): the chunked SSD scan from the committed state;
-- causal, T == 1 (autoregressive step): the recurrence once;
-- tree (any mask): the tree conv (windows gathered along ancestors, older entries from the state the
-  block root continues from) and the tree-masked SSD (`codegen/ssm_tree_scan.py`), every node at once;
-  each node's state and conv window go to the cache's scratch, from which `compact` commits.
-`SSMCache` (runtime/models/ssm_cache.py) documents the slot contract. Attention layers of a hybrid use
-a Llama `KVCache` held by the SSMCache.
+`forward(input_ids, position_ids, cache, block)` has the Llama model's contract: B cache rows, each with
+its own committed length, one `runtime.batch.Block` saying where every token goes and what it continues
+from. An SSM layer reads each token's *parent slot* (never a mask; `SSMCache.plan` resolves it once per
+forward) and runs one of three paths:
+- advance, T > 1 (prefill chunk): the chunked SSD scan from each row's committed state, which it replaces;
+- T == 1 (an autoregressive token, a root-only tree): the recurrence once;
+- tree (advance=False): the tree conv (windows gathered along each node's path, older entries from the
+  state its block root continues from) and the tree-masked SSD (`codegen/ssm_tree_scan.py`), every node
+  of every row at once; each node's state and conv window go to the row's scratch, from which `commit`
+  makes the accepted node's committed.
+`SSMCache` (runtime/models/ssm_cache.py) documents the rules. Attention layers of a hybrid use a Llama
+`KVCache` held by the SSMCache and Llama's `cached_attention` over `block.mask`.
 Without a cache (`cache=None`, training) the block is one causal text from slot 0: SSM layers run the
 chunked SSD scan from a zero state and window, attention layers attend causally within the block, and
 nothing is stored; this path is differentiable and equals a cached prefill of the same tokens.
 
 SSM arithmetic runs in fp32 (fp64 for fp64 models), as mamba-ssm does.
 
-Shape legend: b batch, T new tokens, S start + T, E d_model, H SSM heads, P head dim, G groups,
-N state size, Cd conv channels, W d_conv, R states a tree's roots continue from, V vocab.
+Shape legend: b / B rows, T new tokens, S attended slots, E d_model, H SSM heads, P head dim, G groups,
+N state size, Cd conv channels, W d_conv, R states the block roots continue from, V vocab.
 """
 from __future__ import annotations
 
@@ -38,13 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codegen.ssm_tree_scan import ssm_tree_scan, ssm_tree_scan_ref
+from runtime.batch import Block as StepBlock  # one forward's tokens (the nn.Module `Block` is mamba-ssm's)
 from runtime.models.llama import KVCache, LMHead, additive_mask, cached_attention, last_rows, rotate_half
 from runtime.models.norm import RMSNorm
 from runtime.models.ssm_cache import ForwardPlan, SSMCache
+from spec_compiler.arch import Mamba2Config
 
 DEFAULT_NUM_SCRATCH = 64
 
-from spec_compiler.arch import Mamba2Config
 
 # ---- the three SSM paths (torch) -------------------------------------------------------------------------
 
@@ -85,10 +88,11 @@ def ssd_chunked_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chu
     pad = (-T) % chunk_size  # zero dt at the padding: decay 1 and no input, so the final state is unchanged
     xp, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     nc, cs = (T + pad) // chunk_size, chunk_size
-    xh = xp.reshape(b, nc, cs, G, R, P).permute(0, 3, 4, 1, 2, 5)  # [b, G, R, nc, cs, P]
-    Bg = B.reshape(b, nc, cs, G, N).permute(0, 3, 1, 2, 4)[:, :, None]  # [b, G, 1, nc, cs, N]
-    Cg = C.reshape(b, nc, cs, G, N).permute(0, 3, 1, 2, 4)[:, :, None]  # [b, G, 1, nc, cs, N]
-    dth = dt.reshape(b, nc, cs, G, R).permute(0, 3, 4, 1, 2)  # [b, G, R, nc, cs]
+    # contiguous, so each row's matmul operands have one layout whatever b is (bitwise batch invariance)
+    xh = xp.reshape(b, nc, cs, G, R, P).permute(0, 3, 4, 1, 2, 5).contiguous()  # [b, G, R, nc, cs, P]
+    Bg = B.reshape(b, nc, cs, G, N).permute(0, 3, 1, 2, 4).contiguous()[:, :, None]  # [b, G, 1, nc, cs, N]
+    Cg = C.reshape(b, nc, cs, G, N).permute(0, 3, 1, 2, 4).contiguous()[:, :, None]  # [b, G, 1, nc, cs, N]
+    dth = dt.reshape(b, nc, cs, G, R).permute(0, 3, 4, 1, 2).contiguous()  # [b, G, R, nc, cs]
     cum = torch.cumsum(dth * A.view(G, R, 1, 1), dim=-1)  # [b, G, R, nc, cs] log-decay from the chunk start
     causal = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()
     # L[i, j] = exp(cum_i - cum_j) for j <= i, else 0 (masked to -inf before exp: no overflow, zero gradient)
@@ -112,12 +116,25 @@ def ssd_chunked_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chu
     return y, S.reshape(b, H, P, N)
 
 
+def rowwise(fn, x: Tensor) -> Tensor:
+    """fn(x) for an elementwise fn, computed so each row (dim 0) gets bitwise the same result alone or in a
+    batch. Why: a CPU kernel runs its vector loop over the flattened tensor and a scalar loop over the last
+    few elements, and some functions (softplus, silu, sigmoid, log1p, rsqrt) round differently in the two,
+    so a row's values would depend on where the row starts. Rows padded to 64 elements keep every value at
+    the same vector lane whatever the batch (a no-op when rows are already multiples of 64)."""
+    B, M = x.shape[0], x[0].numel()
+    pad = (-M) % 64
+    if pad == 0:
+        return fn(x)
+    return fn(F.pad(x.reshape(B, M), (0, pad)))[:, :M].reshape(x.shape)
+
+
 def _depthwise_conv(win: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """win: [b, Cd, T, W] inputs per output, oldest first; weight: [Cd, 1, W] -> silu(conv) [b, T, Cd]."""
     out = (win * weight[:, 0, None, :]).sum(-1)  # [b, Cd, T]
     if bias is not None:
         out = out + bias[:, None]
-    return F.silu(out).transpose(1, 2)
+    return rowwise(F.silu, out).transpose(1, 2)
 
 
 def conv_chain(v: Tensor, window: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -133,14 +150,15 @@ def conv_chain(v: Tensor, window: Tensor, weight: Tensor, bias: Tensor | None) -
 
 def conv_tree(v: Tensor, windows: Tensor, conv_index: Tensor, weight: Tensor,
               bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Depthwise conv + SiLU along each node's root path (ALGORITHMS.md §7.4).
+    """Depthwise conv + SiLU along each node's root path (ALGORITHMS.md §7.4), per row.
 
-    v: [b, T, Cd]; windows: [b, R, Cd, W-1] of the states the roots continue from; conv_index: [T, W]
-    into [windows flattened ; v] (oldest first) -> out [b, T, Cd], node windows [b, T, Cd, W-1].
+    v: [b, T, Cd]; windows: [b, R, Cd, W-1] of the states the roots continue from; conv_index: [b, T, W]
+    into row b's [windows flattened ; v] (oldest first) -> out [b, T, Cd], node windows [b, T, Cd, W-1].
     """
     b, R, Cd, W1 = windows.shape
+    T, W = conv_index.shape[1:]
     buf = torch.cat([windows.to(v.dtype).permute(0, 2, 1, 3).reshape(b, Cd, R * W1), v.transpose(1, 2)], -1)
-    win = buf[:, :, conv_index]  # [b, Cd, T, W]
+    win = buf.gather(2, conv_index.reshape(b, 1, T * W).expand(b, Cd, T * W)).view(b, Cd, T, W)  # [b, Cd, T, W]
     return _depthwise_conv(win, weight, bias), win[..., 1:].permute(0, 2, 1, 3)
 
 
@@ -172,7 +190,7 @@ class Mamba2Mixer(nn.Module):
                              self.conv1d.bias)[0]
             cdt = torch.promote_types(u.dtype, torch.float32)
             x, Bm, Cm = xBC.to(cdt).split([c.d_inner, G * N, G * N], dim=-1)
-            dt = F.softplus((dt + self.dt_bias).to(cdt)).clamp(*c.dt_limit)  # [b, T, H]
+            dt = rowwise(F.softplus, (dt + self.dt_bias).to(cdt)).clamp(*c.dt_limit)  # [b, T, H]
             A = -torch.exp(self.A_log.to(cdt))  # [H]
             D = self.D.to(cdt).view(H, P) if c.D_has_hdim else self.D.to(cdt)
             y = ssd_chunked_scan(x.view(b, T, H, P), dt, A, Bm.view(b, T, G, N), Cm.view(b, T, G, N),
@@ -181,7 +199,7 @@ class Mamba2Mixer(nn.Module):
             y = self.norm(y, z) if c.rmsnorm else y * F.silu(z.to(cdt))
             return self.out_proj(y.to(u.dtype))
         S0, W0 = cache.read(layer, plan)  # [b, R, H, P, N], [b, R, Cd, W-1]
-        if plan.chain:
+        if plan.advance:
             xBC, window = conv_chain(xBC, W0[:, 0], self.conv1d.weight, self.conv1d.bias)
         else:
             xBC, window = conv_tree(xBC, W0, plan.conv_index, self.conv1d.weight, self.conv1d.bias)
@@ -189,18 +207,21 @@ class Mamba2Mixer(nn.Module):
         cdt = torch.promote_types(u.dtype, torch.float32)
         x, Bm, Cm = xBC.to(cdt).split([c.d_inner, G * N, G * N], dim=-1)
         x, Bm, Cm = x.view(b, T, H, P), Bm.view(b, T, G, N), Cm.view(b, T, G, N)
-        dt = F.softplus((dt + self.dt_bias).to(cdt)).clamp(*c.dt_limit)  # [b, T, H]
+        dt = rowwise(F.softplus, (dt + self.dt_bias).to(cdt)).clamp(*c.dt_limit)  # [b, T, H]
         A = -torch.exp(self.A_log.to(cdt))  # [H]
         D = self.D.to(cdt).view(H, P) if c.D_has_hdim else self.D.to(cdt)
         S0 = S0.to(cdt)
-        if plan.chain and T == 1:
+        if T == 1:  # one token per row: the recurrence once (R = 1 here: a lone node is its own root)
             y, state = ssm_step(S0[:, 0], x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D)
             y = y[:, None]
-        elif plan.chain:
+            if not plan.advance:
+                state = state[:, None]  # [b, 1, H, P, N]: the node's scratch entry
+        elif plan.advance:
             y, state = ssd_chunked_scan(x, dt, A, Bm, Cm, c.chunk_size, D, S0[:, 0])
-        elif self.use_triton and x.is_cuda and cdt == torch.float32 and len(plan.sources) == 1:
-            y, state = ssm_tree_scan(x, dt, A, Bm, Cm, plan.anc, D=D, init_state=S0[:, 0], return_states=True)
-        else:  # several roots (a drafter's level) or CPU: the torch form
+        elif self.use_triton and x.is_cuda and cdt == torch.float32 and plan.shared_anc:
+            anc = plan.anc if plan.anc.dim() == 2 else plan.anc[0]
+            y, state = ssm_tree_scan(x, dt, A, Bm, Cm, anc, D=D, init_state=S0[:, 0], return_states=True)
+        else:  # per-row trees, roots continuing from scratch (a drafter's level), or CPU: the torch form
             y, state = ssm_tree_scan_ref(x, dt, A, Bm, Cm, plan.anc, D=D, init_states=S0,
                                          init_index=plan.init_index, return_states=True)
         cache.write(layer, plan, state, window)
@@ -224,8 +245,8 @@ class MHA(nn.Module):
         return torch.cat([r * cos + rotate_half(r) * sin, t[..., self.rd:]], dim=-1)
 
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, k_cache: Tensor | None,
-                v_cache: Tensor | None, start: int, mask: Tensor | None) -> Tensor:
-        # x: [b, T, E]; cos, sin: [b, 1, T, rd]; k_cache, v_cache: [b, Hkv, C, D] or None; mask: [T, S]
+                v_cache: Tensor | None, block: StepBlock | None, mask: Tensor | None) -> Tensor:
+        # x: [b, T, E]; cos, sin: [b, 1, T, rd]; k_cache, v_cache: [b, Hkv, C, D] or None; mask: [b, 1, T, S]
         b, T, _ = x.shape
         q, k, v = self.in_proj(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
         q = q.view(b, T, self.H, self.D).transpose(1, 2)  # [b, H, T, D]
@@ -233,7 +254,7 @@ class MHA(nn.Module):
         v = v.view(b, T, self.Hkv, self.D).transpose(1, 2)
         if self.rd:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        return self.out_proj(cached_attention(q, k, v, k_cache, v_cache, start, mask, self.scale))
+        return self.out_proj(cached_attention(q, k, v, k_cache, v_cache, block, mask, self.scale))
 
 
 class GatedMLP(nn.Module):
@@ -279,74 +300,71 @@ class Mamba2LMModel(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
 
-    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None,
+    def new_cache(self, rows: int, capacity: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None, num_scratch: int | None = None) -> SSMCache:
-        """`num_scratch` bounds the tree size (default min(capacity, 64)): a tree forward of T nodes needs
-        T entries, and continuing from a previous tree's node (drafting level by level, or the step after a
-        root-only acceptance) needs that tree's nodes to survive: num_scratch >= tree size + 1 suffices."""
+        """`num_scratch` (default min(capacity, 64)) bounds the tree bucket: a tree forward's node at scratch
+        offset slot - L_b needs offset < num_scratch (a verify tree of T nodes: T; a drafter's tree grown
+        level by level from a committed root: T - 1)."""
         c = self.config
         w = self.backbone.embedding.weight
         dtype, device = dtype or w.dtype, device or w.device
         n_attn = len(c.attn_layer_idx)
-        kv = KVCache(n_attn, batch, c.attn_num_heads_kv, capacity, c.attn_head_dim, dtype=dtype,
+        kv = KVCache(n_attn, rows, c.attn_num_heads_kv, capacity, c.attn_head_dim, dtype=dtype,
                      device=device) if n_attn else None
-        return SSMCache(c.num_ssm_layers, batch, c.nheads, c.headdim, c.d_state, c.conv_dim, c.d_conv, capacity,
+        return SSMCache(c.num_ssm_layers, rows, c.nheads, c.headdim, c.d_state, c.conv_dim, c.d_conv, capacity,
                         num_scratch or min(capacity, DEFAULT_NUM_SCRATCH), kv, dtype=dtype, device=device)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: SSMCache | None = None, start: int = 0,
-                attn_mask: Tensor | None = None, num_logits: int | None = None) -> Tensor:
-        """Logits for a block of T new tokens at slots [start, start + T) (see the module docstring); for its
-        last `num_logits` tokens only when given: `logits(hidden(...))`."""
-        return self.logits(self.hidden(input_ids, position_ids, cache, start, attn_mask, num_logits))
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: SSMCache | None = None,
+                block: StepBlock | None = None, num_logits: int | None = None) -> Tensor:
+        """Logits for a block of T new tokens per row (for its last `num_logits` tokens only, when given):
+        `logits(hidden(...))`."""
+        return self.logits(self.hidden(input_ids, position_ids, cache, block, num_logits))
 
     def logits(self, h: Tensor) -> Tensor:
         """Final hidden states [..., E] -> fp32 logits [..., V]."""
         return self.lm_head(h).float()
 
-    def hidden(self, input_ids: Tensor, position_ids: Tensor, cache: SSMCache | None = None, start: int = 0,
-               attn_mask: Tensor | None = None, num_rows: int | None = None) -> Tensor:
-        """Final (normed) hidden states of a block of T new tokens, for its last `num_rows` only when given.
+    def hidden(self, input_ids: Tensor, position_ids: Tensor, cache: SSMCache | None = None,
+               block: StepBlock | None = None, num_rows: int | None = None) -> Tensor:
+        """Final (normed) hidden states of a block of T new tokens per row, for its last `num_rows` only when given.
 
-        With `cache=None` (training) `start` must be 0 and `attn_mask` None: the block is a causal text
-        from an empty prefix (zero SSM state and conv window; attention causal within the block), nothing
-        is stored, and the path is differentiable. It equals a cached prefill of the same block.
+        With a `cache`, `block` (runtime.batch.Block) says where each row's tokens go and what they continue
+        from (see the module docstring). With `cache=None` (training) the block is a causal text from an empty
+        prefix (zero SSM state and conv window; attention causal within the block), nothing is stored, and
+        the path is differentiable. It equals a cached prefill of the same block.
         """
-        # input_ids, position_ids: [b, T]; attn_mask: [T, S] bool, True = ancestor-or-self -> [b, T or num_rows, E]
+        # input_ids, position_ids: [B, T] -> [B, T or num_rows, E]
         c = self.config
-        b, T = input_ids.shape
-        S = start + T
+        B, T = input_ids.shape
         if cache is None:
-            assert start == 0 and attn_mask is None, "cache=None runs one causal block from slot 0 (no mask)"
-            plan = None
+            assert block is None, "cache=None runs one causal block from slot 0; no Block"
+            plan = attn_add = None
         else:
-            assert S <= cache.capacity, f"start {start} + {T} tokens exceeds cache capacity {cache.capacity}"
-            assert cache.ssm.shape[1] == b, (cache.ssm.shape, b)
-            assert attn_mask is None or attn_mask.shape == (T, S), (None if attn_mask is None else attn_mask.shape,
-                                                                    T, S)
-            plan = cache.plan(start, T, attn_mask)
+            assert block is not None and block.slots.shape == (B, T), "a cached forward needs its Block"
+            assert block.S <= cache.capacity, f"KV window {block.S} exceeds cache capacity {cache.capacity}"
+            assert cache.rows == B, (cache.rows, B)
+            plan = cache.plan(block)
+            attn_add = None if block.mask_full or not c.is_hybrid else additive_mask(
+                block.mask, self.backbone.embedding.weight.dtype)
 
-        x = self.backbone.embedding(input_ids)  # [b, T, E]
+        x = self.backbone.embedding(input_ids)  # [B, T, E]
         dtype = x.dtype
         if c.residual_in_fp32:
             x = x.to(torch.promote_types(dtype, torch.float32))
         cos = sin = None
-        if c.is_hybrid:
-            if attn_mask is None and T > 1 and cache is not None:
-                attn_mask = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=start)
-            if c.attn_rotary_dim:
-                cdt = torch.promote_types(dtype, torch.float32)
-                rd = c.attn_rotary_dim
-                inv_freq = 1.0 / c.attn_rotary_base ** (torch.arange(0, rd, 2, device=x.device, dtype=cdt) / rd)
-                freqs = position_ids.to(cdt)[..., None] * inv_freq  # [b, T, rd/2]
-                emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [b, 1, T, rd]
-                cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        attn_add = additive_mask(attn_mask, dtype) if c.is_hybrid else None  # the SSM plan keeps the bool mask
+        if c.is_hybrid and c.attn_rotary_dim:
+            cdt = torch.promote_types(dtype, torch.float32)
+            rd = c.attn_rotary_dim
+            inv_freq = 1.0 / c.attn_rotary_base ** (torch.arange(0, rd, 2, device=x.device, dtype=cdt) / rd)
+            freqs = position_ids.to(cdt)[..., None] * inv_freq  # [B, T, rd/2]
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, rd]
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         ssm_i = attn_i = 0
         for blk in self.backbone.layers:
             h = blk.norm(x.to(dtype))
             if isinstance(blk.mixer, MHA):
                 kv = (None, None) if cache is None else (cache.kv.k[attn_i], cache.kv.v[attn_i])
-                h = blk.mixer(h, cos, sin, *kv, start, attn_add)
+                h = blk.mixer(h, cos, sin, *kv, block, attn_add)
                 attn_i += 1
             else:
                 h = blk.mixer(h, cache, ssm_i, plan)
@@ -354,8 +372,6 @@ class Mamba2LMModel(nn.Module):
             x = x + h
             if c.d_intermediate:
                 x = x + blk.mlp(blk.norm2(x.to(dtype)))
-        if cache is not None:
-            cache.finish(plan)
         return self.backbone.norm_f(last_rows(x, num_rows).to(dtype))
 
 

@@ -1,29 +1,25 @@
-"""The inference cache of a Mamba2 / hybrid model: committed SSM and conv states, per-node scratch, KV.
+"""The inference cache of a Mamba2 / hybrid model: per row, committed SSM and conv states, node scratch, KV.
 
-Slots are the same as in the Llama `KVCache`: the token at cache slot s is the s-th token of the text,
-and a tree forward at `start` puts node i at slot start + i. For the SSM layers:
+Rows and slots are those of `runtime.batch` (read its docstring first): row b has committed length L_b
+(kept by the engine and passed in every `Block`, never stored here). For the SSM layers:
 
-- **Committed**: `length` (ℓ), the SSM state `ssm` and the conv window `conv` (the last d_conv - 1
-  pre-conv inputs) after slots [0, ℓ). A causal forward (no mask) continuing from slot start - 1
-  *advances* it: afterwards ℓ = start + T. `compact` also sets it.
-- **Scratch**: a tree forward (with a mask) leaves the committed state alone and writes each node's
-  state and conv window to a small ring of `num_scratch` entries, tagged with the node's slot. A
-  later forward can continue from any tagged slot: this is how a drafter grows a tree level by level,
-  and how the decode loop goes on after a step that accepted only the root (it calls no `compact`).
-  Entries hold whole states (H * P * N per SSM layer and batch row), so size the ring from the plan:
-  tree size + 1 entries let one tree continue from the previous tree's root.
+- **Committed**: the SSM state `ssm` and the conv window `conv` (the last d_conv - 1 pre-conv inputs)
+  after slots [0, L_b). An `advance` block (a prefill chunk, one autoregressive token) continues from it
+  and replaces it with its final state: L_b grows by T.
+- **Scratch**: a tree block leaves the committed state alone and writes every node's state and conv
+  window to `scratch_*[:, b, offset]`, offset = slot - L_b (`Block.offsets`); R = num_scratch entries,
+  at least the tree bucket. `commit(lengths, paths)` then makes each row's accepted node committed.
 
-Every forward resolves, for each node whose parent lies before the block, where the parent's state
-is: slot -1 (nothing before) is zeros, a slot >= ℓ is read from scratch (its tag must match), slot
-ℓ - 1 is the committed state; any other slot is inside the committed prefix and cannot be branched
-from (an AssertionError: the caller broke the slot contract). A forward at start 0 resets the cache.
+Where a forward's token continues from (`plan`), by its parent slot p: an earlier token of the same
+block (in-block parent); else the committed state when p = L_b - 1 or p = -1 (zeros when L_b = 0; a
+padding token, whose output is discarded, too); else scratch entry p - L_b when p >= L_b (a drafter
+growing its tree one level per forward: the previous level's forward wrote it). A slot inside the
+committed prefix (0 <= p < L_b - 1) cannot be branched from: an AssertionError.
 
-`compact(src_slots, dst_start)` commits the state after the last of `src_slots` (its scratch entry
-already holds the whole path's state and conv window), sets ℓ = dst_start + len(src_slots), drops the
-scratch, and moves the attention layers' KV as `KVCache.compact` does.
+The plan is built once per forward from the Block's tensors and shared by all layers.
 
-Shape legend: n SSM layers, R scratch entries, b batch, H heads, P head dim, N state size,
-Cd conv channels (d_inner + 2 * ngroups * d_state), W d_conv, T new tokens, S start + T.
+Shape legend: n SSM layers, B rows, R scratch entries, H heads, P head dim, N state size,
+Cd conv channels (d_inner + 2 * ngroups * d_state), W d_conv, T new tokens, R' states the roots read.
 """
 from __future__ import annotations
 
@@ -32,180 +28,192 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from runtime.batch import Block
 from runtime.models.llama import KVCache
 
 
 @dataclass
 class ForwardPlan:
-    """How one forward's nodes continue from earlier slots (built by `SSMCache.plan`)."""
+    """Where one forward's tokens continue from (built by `SSMCache.plan`)."""
 
-    start: int
-    T: int
-    chain: bool
-    """No mask: a causal block continuing from slot start - 1; it advances the committed state."""
-    sources: list[int]
-    """Distinct slots whose states the block's roots continue from (-1: the empty prefix)."""
-    parents: list[int]
-    """In-block parent of each node (-1: a block root, continuing from sources[init_index[i]])."""
+    advance: bool
+    """A causal block continuing from each row's committed state; its final state becomes committed."""
+    fresh: Tensor | None
+    """[B] bool: rows with L_b = 0, which start from zeros (None: no such row)."""
+    scratch_roots: bool = False
+    """Some block root continues from scratch: the roots read one state per node (R' = T), else R' = 1."""
+    init_offset: Tensor | None = None
+    """[B, T] long: scratch offset of the state node t's block root continues from (scratch_roots only)."""
+    from_scratch: Tensor | None = None
+    """[B, T] bool: node t's block root continues from scratch (scratch_roots only)."""
     init_index: Tensor | None = None
-    """[T] long: which source node i's path starts from (tree forwards only)."""
+    """[B, T] long: which of the R' read states node t's path starts from (tree blocks)."""
     anc: Tensor | None = None
-    """[T, T] bool: in-block ancestor-or-self mask (tree forwards only)."""
+    """[B, T, T] bool: in-block ancestor-or-self (tree blocks)."""
+    shared_anc: bool = False
+    """Every row has the same `anc` and the roots read committed states (the single-source kernel applies)."""
     conv_index: Tensor | None = None
-    """[T, W] long into [the sources' windows (R' x (W - 1)) ; the block's inputs (T)] (tree forwards)."""
+    """[B, T, W] long into [the R' read windows (R' x (W - 1)) ; the block's inputs (T)] (tree blocks)."""
+    offsets: Tensor | None = None
+    """[B, T] long: scratch entry each node's state goes to (tree blocks)."""
 
 
 class SSMCache:
-    def __init__(self, num_ssm_layers: int, batch: int, num_heads: int, head_dim: int, d_state: int, conv_dim: int,
+    def __init__(self, num_ssm_layers: int, rows: int, num_heads: int, head_dim: int, d_state: int, conv_dim: int,
                  d_conv: int, capacity: int, num_scratch: int, kv: KVCache | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         assert d_conv >= 2, d_conv
-        n, b, W1 = num_ssm_layers, batch, d_conv - 1
-        self.d_conv = d_conv
+        n, B, R, W1 = num_ssm_layers, rows, num_scratch, d_conv - 1
         self.capacity = capacity  # slots; SSM layers keep no per-slot memory but honour the KV bound
-        self.ssm = torch.zeros(n, b, num_heads, head_dim, d_state, dtype=dtype, device=device)  # [n, b, H, P, N]
-        self.conv = torch.zeros(n, b, conv_dim, W1, dtype=dtype, device=device)  # [n, b, Cd, W-1]
-        self.scratch_ssm = torch.zeros(n, num_scratch, b, num_heads, head_dim, d_state, dtype=dtype,
-                                       device=device)  # [n, R, b, H, P, N]
-        self.scratch_conv = torch.zeros(n, num_scratch, b, conv_dim, W1, dtype=dtype,
-                                        device=device)  # [n, R, b, Cd, W-1]
-        self.tags = [-1] * num_scratch  # the slot each scratch entry holds (-1: free)
-        self.length = 0
+        self.ssm = torch.zeros(n, B, num_heads, head_dim, d_state, dtype=dtype, device=device)  # [n, B, H, P, N]
+        self.conv = torch.zeros(n, B, conv_dim, W1, dtype=dtype, device=device)  # [n, B, Cd, W-1]
+        self.scratch_ssm = torch.zeros(n, B, R, num_heads, head_dim, d_state, dtype=dtype,
+                                       device=device)  # [n, B, R, H, P, N]
+        self.scratch_conv = torch.zeros(n, B, R, conv_dim, W1, dtype=dtype, device=device)  # [n, B, R, Cd, W-1]
         self.kv = kv  # attention layers of a hybrid (None for pure Mamba2)
+
+    @classmethod
+    def _view(cls, capacity: int, ssm: Tensor, conv: Tensor, scratch_ssm: Tensor, scratch_conv: Tensor,
+              kv: KVCache | None) -> "SSMCache":
+        out = cls.__new__(cls)
+        out.capacity, out.ssm, out.conv, out.scratch_ssm, out.scratch_conv, out.kv = (
+            capacity, ssm, conv, scratch_ssm, scratch_conv, kv)
+        return out
+
+    @property
+    def rows(self) -> int:
+        return self.ssm.shape[1]
 
     @property
     def num_scratch(self) -> int:
-        return len(self.tags)
+        return self.scratch_ssm.shape[2]
+
+    @property
+    def d_conv(self) -> int:
+        return self.conv.shape[-1] + 1
+
+    def view_rows(self, lo: int, hi: int) -> "SSMCache":
+        """Rows lo..hi-1 as a cache of their own (a view: writes go to this cache)."""
+        return SSMCache._view(self.capacity, self.ssm[:, lo:hi], self.conv[:, lo:hi], self.scratch_ssm[:, lo:hi],
+                              self.scratch_conv[:, lo:hi], None if self.kv is None else self.kv.view_rows(lo, hi))
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row dst := row src (a request moving to another row between steps; scratch is not carried: no
+        forward reads it before a tree forward of the same step writes it)."""
+        self.ssm[:, dst].copy_(self.ssm[:, src])
+        self.conv[:, dst].copy_(self.conv[:, src])
+        if self.kv is not None:
+            self.kv.copy_row(src, dst)
 
     def reset(self) -> None:
-        self.length = 0
-        self.tags = [-1] * self.num_scratch
-        self.ssm.zero_()
-        self.conv.zero_()
+        for t in (self.ssm, self.conv, self.scratch_ssm, self.scratch_conv):
+            t.zero_()
         if self.kv is not None:
             self.kv.reset()
 
     # ---- planning a forward ----------------------------------------------------------------------------
-    def plan(self, start: int, T: int, attn_mask: Tensor | None) -> ForwardPlan:
-        """Resolve where every node of a forward at `start` continues from. attn_mask: [T, start + T] bool."""
-        if start == 0:  # a new text
-            self.length = 0
-            self.tags = [-1] * self.num_scratch
-        if attn_mask is None:
-            src = start - 1
-            self._check_source(src)
-            return ForwardPlan(start, T, True, [src], list(range(-1, T - 1)))
-        assert T <= self.num_scratch, f"a tree of {T} nodes needs num_scratch >= {T} (have {self.num_scratch})"
-        parents_abs = _parents_from_mask(attn_mask, start)
-        parents = [p - start if p >= start else -1 for p in parents_abs]
-        sources = sorted({p for p in parents_abs if p < start})
-        for s in sources:
-            self._check_source(s)
-        root = list(range(T))  # index of node i's block root
-        for i, q in enumerate(parents):
-            assert q < i, f"node {i} has in-block parent {q}: nodes must come in topological order"
-            if q >= 0:
-                root[i] = root[q]
-        init_index = [sources.index(parents_abs[root[i]]) for i in range(T)]
-        anc = [[False] * T for _ in range(T)]
-        for i, q in enumerate(parents):
-            if q >= 0:
-                anc[i] = list(anc[q])
-            anc[i][i] = True
-        W, W1 = self.d_conv, self.d_conv - 1
-        conv_index = []
-        for i in range(T):
-            chain, j = [], i  # i and its in-block ancestors, newest first
-            while j >= 0 and len(chain) < W:
-                chain.append(len(sources) * W1 + j)
-                j = parents[j]
-            k = W - len(chain)  # the oldest k inputs come from the root's source window
-            src = init_index[i] * W1
-            conv_index.append(list(range(src + W1 - k, src + W1)) + chain[::-1])
-        dev = attn_mask.device
-        return ForwardPlan(start, T, False, sources, parents, torch.tensor(init_index, device=dev),
-                           torch.tensor(anc, device=dev), torch.tensor(conv_index, device=dev))
+    def plan(self, block: Block) -> ForwardPlan:
+        """Resolve where every token of `block` continues from (see the module docstring): vectorised over
+        the B x T tokens, one host sync for the checks and the choice of path."""
+        B, T = block.slots.shape
+        lengths = block.lengths
+        if block.advance:
+            if block.start is not None:
+                fresh = torch.full((B,), True, device=lengths.device) if block.start == 0 else None
+            else:
+                fresh = lengths == 0
+                fresh = fresh if bool(fresh.any()) else None
+            return ForwardPlan(True, fresh)
 
-    def _check_source(self, slot: int) -> None:
-        if slot == -1 or slot == self.length - 1:
-            return
-        assert slot >= self.length, (f"slot {slot} lies inside the committed prefix (length {self.length}): "
-                                     "a forward can only continue from the last committed slot or from scratch")
-        assert self.tags[slot % self.num_scratch] == slot, f"slot {slot} is not in scratch (was it ever written?)"
+        slots, parent_slots, offsets = block.slots, block.parent_slots, block.offsets
+        L = lengths[:, None]  # [B, 1]
+        # in-block parent: the earlier token of the same row sitting at the parent slot (-1: a block root)
+        eq = parent_slots[:, :, None] == slots[:, None, :]  # [B, T(i), T(j)]
+        eq &= torch.ones(T, T, dtype=torch.bool, device=eq.device).tril(-1)
+        parent = torch.where(eq.any(-1), eq.to(torch.uint8).argmax(-1), -1)  # [B, T]
+        anc = block.anc if block.anc is not None else _ancestors(parent)
+        root = anc.to(torch.uint8).argmax(-1)  # [B, T]: first ancestor-or-self (topological order) = block root
+        depth = anc.sum(-1) - 1  # [B, T] in-block depth
+        root_parent = parent_slots.gather(1, root)  # [B, T]
+        from_scratch = root_parent >= L
+        bad_branch = ((root_parent >= 0) & (root_parent < L - 1)).any()
+        bad_offset = ((offsets < 0) | (offsets >= self.num_scratch)).any()
+        fresh = lengths == 0
+        shared = anc.dim() == 2 or anc.stride(0) == 0
+        flags = torch.stack([from_scratch.any(), fresh.any(), bad_branch, bad_offset]).tolist()
+        scratch_roots, any_fresh, branch, offset_out = flags
+        assert not branch, ("a token's parent slot lies inside the committed prefix (before L_b - 1): a forward "
+                            "can only continue from the last committed slot, the block, or scratch")
+        assert not offset_out, (f"tree nodes write scratch offsets outside [0, {self.num_scratch}): "
+                                "new_cache(num_scratch=...) must cover the tree bucket")
+
+        # conv windows: entry r (oldest first) of node t is its k-th newest path input, k = W-1-r: the in-block
+        # ancestor k hops up while k <= depth, else entry k - depth from the end of the root's read window
+        W, W1 = self.d_conv, self.d_conv - 1
+        init_index = (root if scratch_roots else torch.zeros_like(root))  # [B, T]
+        R_read = T if scratch_roots else 1
+        cols, cur = [], torch.arange(T, device=slots.device).expand(B, T)
+        for k in range(W):
+            in_block = k <= depth
+            window = init_index * W1 + (W1 - (k - depth)).clamp(0, W1 - 1)
+            cols.append(torch.where(in_block, R_read * W1 + cur.clamp(min=0), window))
+            cur = torch.where(cur >= 0, parent.gather(1, cur.clamp(min=0)), -1)
+        conv_index = torch.stack(cols[::-1], dim=-1)  # [B, T, W]
+        return ForwardPlan(False, fresh if any_fresh else None, scratch_roots,
+                           (root_parent - L).clamp(min=0) if scratch_roots else None,
+                           from_scratch if scratch_roots else None, init_index, anc,
+                           shared and not scratch_roots, conv_index, offsets)
 
     # ---- per layer ---------------------------------------------------------------------------------------
     def read(self, layer: int, plan: ForwardPlan) -> tuple[Tensor, Tensor]:
-        """(ssm [b, R', H, P, N], conv [b, R', Cd, W-1]): the states the block's roots continue from.
-
-        Copies (torch.stack), so a node may reuse the ring entry of its own source when the layer writes."""
-        ssm, conv = [], []
-        for s in plan.sources:
-            if s == -1:
-                ssm.append(torch.zeros_like(self.ssm[layer]))
-                conv.append(torch.zeros_like(self.conv[layer]))
-            elif s >= self.length:
-                r = s % self.num_scratch
-                ssm.append(self.scratch_ssm[layer, r])
-                conv.append(self.scratch_conv[layer, r])
-            else:
-                ssm.append(self.ssm[layer])
-                conv.append(self.conv[layer])
-        return torch.stack(ssm, 1), torch.stack(conv, 1)
+        """(ssm [B, R', H, P, N], conv [B, R', Cd, W-1]): the states the block's roots continue from.
+        R' = 1 (each row's committed state) unless some root continues from scratch (R' = T, per node)."""
+        ssm, conv = self.ssm[layer][:, None], self.conv[layer][:, None]  # [B, 1, ...]
+        if plan.fresh is not None:
+            keep = ~plan.fresh[:, None, None, None]
+            ssm = torch.where(keep[..., None], ssm, torch.zeros((), dtype=ssm.dtype, device=ssm.device))
+            conv = torch.where(keep, conv, torch.zeros((), dtype=conv.dtype, device=conv.device))
+        if not plan.scratch_roots:
+            return ssm, conv
+        B, T = plan.init_offset.shape
+        rows = torch.arange(B, device=ssm.device)[:, None].expand(B, T)
+        s = self.scratch_ssm[layer][rows, plan.init_offset]  # [B, T, H, P, N]
+        w = self.scratch_conv[layer][rows, plan.init_offset]  # [B, T, Cd, W-1]
+        pick = plan.from_scratch[:, :, None, None]
+        return torch.where(pick[..., None], s, ssm), torch.where(pick, w, conv)
 
     def write(self, layer: int, plan: ForwardPlan, ssm: Tensor, conv: Tensor) -> None:
-        """Chain: the final ssm [b, H, P, N] and conv [b, Cd, W-1] become the committed state.
-        Tree: each node's ssm [b, T, H, P, N] and conv [b, T, Cd, W-1] go to its scratch entry."""
-        if plan.chain:
+        """Advance: the final ssm [B, H, P, N] and conv [B, Cd, W-1] become the committed state.
+        Tree: each node's ssm [B, T, H, P, N] and conv [B, T, Cd, W-1] go to its scratch entry."""
+        if plan.advance:
             self.ssm[layer].copy_(ssm)
             self.conv[layer].copy_(conv)
             return
-        ring = torch.tensor([(plan.start + i) % self.num_scratch for i in range(plan.T)], device=ssm.device)
-        self.scratch_ssm[layer].index_copy_(0, ring, ssm.transpose(0, 1).to(self.scratch_ssm.dtype))
-        self.scratch_conv[layer].index_copy_(0, ring, conv.transpose(0, 1).to(self.scratch_conv.dtype))
-
-    def finish(self, plan: ForwardPlan) -> None:
-        """After every layer ran: advance the committed length (chain) or tag the scratch (tree)."""
-        if plan.chain:
-            self.length = plan.start + plan.T
-            self.tags = [-1] * self.num_scratch
-        else:
-            for i in range(plan.T):
-                self.tags[(plan.start + i) % self.num_scratch] = plan.start + i
+        B, T = plan.offsets.shape
+        rows = torch.arange(B, device=ssm.device)[:, None].expand(B, T)
+        self.scratch_ssm[layer][rows, plan.offsets] = ssm.to(self.scratch_ssm.dtype)
+        self.scratch_conv[layer][rows, plan.offsets] = conv.to(self.scratch_conv.dtype)
 
     # ---- after verification --------------------------------------------------------------------------
-    def compact(self, src_slots: Tensor, dst_start: int) -> None:
-        """Keep `src_slots` (a root-to-node path, src_slots[0] == dst_start) as slots dst_start, dst_start+1, ..."""
-        # src_slots: [m]
-        m = src_slots.numel()
-        last = int(src_slots[-1])
-        assert dst_start >= self.length or (m == 1 and last == self.length - 1), (dst_start, self.length)
-        if last != self.length - 1:
-            r = last % self.num_scratch
-            assert self.tags[r] == last, f"slot {last} is not in scratch"
-            self.ssm.copy_(self.scratch_ssm[:, r])
-            self.conv.copy_(self.scratch_conv[:, r])
-        self.length = dst_start + m
-        self.tags = [-1] * self.num_scratch
+    def commit(self, lengths: list[int], paths: list[list[int]]) -> None:
+        """Keep each row's accepted path (node offsets of the tree forward, ascending from 0, as in
+        `KVCache.commit`): the state after its last node becomes committed (its scratch entry holds the whole
+        path's state and conv window); the attention layers' KV is compacted. L_b grows by len(paths[b])."""
+        assert len(paths) == len(lengths) == self.rows, (len(paths), len(lengths), self.rows)
+        rows = torch.arange(self.rows, device=self.ssm.device)
+        last = torch.tensor([p[-1] for p in paths], device=self.ssm.device)
+        self.ssm.copy_(self.scratch_ssm[:, rows, last])
+        self.conv.copy_(self.scratch_conv[:, rows, last])
         if self.kv is not None:
-            self.kv.compact(src_slots, dst_start)
-
-    def prefix_state(self, length: int) -> tuple[Tensor, Tensor]:
-        """(ssm [n, b, H, P, N], conv [n, b, Cd, W-1]) after slots [0, length), committed or in scratch."""
-        if length == self.length:
-            return self.ssm, self.conv
-        r = (length - 1) % self.num_scratch
-        assert length > self.length and self.tags[r] == length - 1, (length, self.length)
-        return self.scratch_ssm[:, r], self.scratch_conv[:, r]
+            self.kv.commit(lengths, paths)
 
 
-def _parents_from_mask(attn_mask: Tensor, start: int) -> list[int]:
-    """Node i's parent slot: the largest j != start + i with attn_mask[i, j] (-1 if none)."""
-    # attn_mask: [T, S]
-    T, S = attn_mask.shape
-    assert S == start + T, (attn_mask.shape, start)
-    m = attn_mask.clone()
-    rows = torch.arange(T, device=m.device)
-    assert bool(m[rows, start + rows].all()), "every node must see itself"
-    m[rows, start + rows] = False
-    slots = torch.arange(S, device=m.device).expand(T, S)
-    return torch.where(m, slots, -1).amax(dim=1).tolist()
+def _ancestors(parent: Tensor) -> Tensor:
+    """[B, T, T] bool ancestor-or-self from in-block parents [B, T] (-1: a block root), topological order."""
+    B, T = parent.shape
+    anc = torch.eye(T, dtype=torch.bool, device=parent.device).expand(B, T, T).clone()
+    for t in range(1, T):  # only for Blocks built without `anc` (Block.causal and Block.tree give it)
+        p = parent[:, t]
+        has = p >= 0
+        anc[has, t] |= anc[has, p[has]]
+    return anc
