@@ -103,17 +103,20 @@ class TreeBatch:
               draft_probs: Optional[Tensor] = None) -> "TreeBatch":
         """Rows from their topologies, tokens and per-node provenance (lists of n_b); padded to `bucket`.
         draft_probs: [B, bucket, V] or None (rows beyond n_b ignored)."""
-        B = len(topologies)
-        toks = torch.zeros(B, bucket, dtype=torch.long)
-        prov = torch.full((B, bucket), PAD, dtype=torch.int8)
-        for b, (topo, t, p) in enumerate(zip(topologies, tokens, provenance)):
+        for topo, t, p in zip(topologies, tokens, provenance):
             assert len(t) == len(p) == topo.n <= bucket, (len(t), len(p), topo.n, bucket)
-            toks[b, :topo.n] = torch.tensor(t, dtype=torch.long)
-            prov[b, :topo.n] = torch.tensor([int(x) for x in p], dtype=torch.int8)
-        parts = [topology_tensors(t, bucket) for t in topologies]
-        stack = (lambda k: parts[0][k][None].expand(B, *parts[0][k].shape)) if all(
-            t is topologies[0] for t in topologies) else (lambda k: torch.stack([p[k] for p in parts]))
-        return TreeBatch(list(topologies), toks, stack("parents"), stack("depth"), stack("anc"), prov, draft_probs)
+        # one tensor call each over padded lists: this runs for every step of every request
+        toks = torch.tensor([list(t) + [0] * (bucket - len(t)) for t in tokens], dtype=torch.long)
+        prov = torch.tensor([[int(x) for x in p] + [PAD] * (bucket - len(p)) for p in provenance], dtype=torch.int8)
+        B = len(topologies)
+        first = topologies[0]
+        if all(t is first or t.parents == first.parents for t in topologies):  # one shape for every row
+            part = topology_tensors(first, bucket)
+            parents, depth, anc = (part[k][None].expand(B, *part[k].shape) for k in ("parents", "depth", "anc"))
+        else:
+            parts = [topology_tensors(t, bucket) for t in topologies]
+            parents, depth, anc = (torch.stack([p[k] for p in parts]) for k in ("parents", "depth", "anc"))
+        return TreeBatch(list(topologies), toks, parents, depth, anc, prov, draft_probs)
 
     @staticmethod
     def roots(root_tokens: Sequence[int]) -> "TreeBatch":

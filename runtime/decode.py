@@ -27,22 +27,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from runtime.batch import Block, TreeBatch
-from runtime.sampling import (AcceptanceRule, TorchDraftSampler, accept_greedy, accept_sampled, draw_uniforms,
-                              target_probs)
+from runtime.batch import Block
+from runtime.sampling import SamplingParams, TorchDraftSampler, accept
 from spec_compiler.errors import InputError
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    acceptance: AcceptanceRule = AcceptanceRule.auto
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @dataclass
@@ -178,7 +165,7 @@ class Engine:
         block = Block.tree(torch.tensor(lengths), tree, self._kv_len(max(lengths) + tree.T), device=self.device)
         self.shapes.append((B, tree.T, block.S))
         logits = self.target(tree.tokens.to(self.device), block.positions, self.cache.view_rows(0, B), block)
-        paths, nxt = self._accept(tree, logits.cpu())
+        paths, nxt = accept(tree, logits.cpu(), [r.sampling for r in rows], [r.verify_gen for r in rows])
         t2 = time.perf_counter()
         self.cache.commit(lengths, paths)
         done = []
@@ -210,32 +197,6 @@ class Engine:
         for r in done:
             self._finish(r)
         return done
-
-    def _accept(self, tree: TreeBatch, logits: torch.Tensor) -> tuple[list[list[int]], list[int]]:
-        """Per-row acceptance: greedy rows by argmax matching, sampled rows by recursive rejection sampling
-        against their own target distribution (temperature, top-k, top-p) and uniforms."""
-        rows = self.rows
-        greedy = [b for b, r in enumerate(rows) if r.sampling.greedy]
-        if len(greedy) == len(rows):
-            return accept_greedy(tree, logits)
-        paths: list = [None] * len(rows)
-        nxt: list = [None] * len(rows)
-        if greedy:
-            gp, gy = accept_greedy(tree.select_rows(greedy), logits[greedy])
-            for b, p, y in zip(greedy, gp, gy):
-                paths[b], nxt[b] = p, y
-        groups: dict[SamplingParams, list[int]] = {}
-        for b, r in enumerate(rows):
-            if not r.sampling.greedy:
-                groups.setdefault(r.sampling, []).append(b)
-        for sp, idx in groups.items():
-            sub = tree if len(idx) == len(rows) else tree.select_rows(idx)
-            q = target_probs(logits[idx], sp.temperature, sp.top_k, sp.top_p)
-            u = draw_uniforms([rows[b].verify_gen for b in idx], tree.T)
-            sp_paths, sp_next = accept_sampled(sub, q, sp.acceptance, u)
-            for b, p, y in zip(idx, sp_paths, sp_next):
-                paths[b], nxt[b] = p, y
-        return paths, nxt
 
     def _finish(self, req: Request) -> None:
         """req leaves; the last row moves into its row."""
