@@ -202,11 +202,11 @@ class ScriptChooser:
         return torch.tensor(out, dtype=torch.bool)
 
     def draw(self, w: torch.Tensor, nodes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        out = []
-        for s, wr, on in zip(self.scripts, w.tolist(), active.tolist()):
-            support = [x for x in range(len(wr)) if wr[x] > 0]
-            tot = sum(wr[x] for x in support)
-            out.append(support[s.choose([wr[x] / tot for x in support])] if on else 0)
+        out = [0] * len(self.scripts)
+        on = active.nonzero().flatten().tolist()
+        for r, pr in zip(on, (w[on] / w[on].sum(-1, keepdim=True)).tolist()):
+            support = [x for x, px in enumerate(pr) if px > 0]
+            out[r] = support[self.scripts[r].choose([pr[x] for x in support])]
         return torch.tensor(out, dtype=torch.long)
 
     def final(self, w: torch.Tensor) -> torch.Tensor:
@@ -295,6 +295,7 @@ def step_outcomes(world: World, drafter: Drafter, rule: AcceptanceRule, ctx: tup
         return world._steps[key]
     drafts = enumerate_drafter(drafter, ctx)
     tree, q = draft_batch(world, [d for d, _ in drafts], ctx)
+    tokens = tree.tokens.tolist()
 
     def run_all(scripts: list[Script]):
         rows = [s.tag for s in scripts]
@@ -304,7 +305,7 @@ def step_outcomes(world: World, drafter: Drafter, rule: AcceptanceRule, ctx: tup
             finals = [[float(x == y) for x in range(world.V)] for y in toks]
         else:
             finals = ch.finals
-        return [(tuple(tree.tokens[r, path[1:]].tolist()), fin) for r, path, fin in zip(rows, paths, finals)]
+        return [(tuple(tokens[r][i] for i in path[1:]), fin) for r, path, fin in zip(rows, paths, finals)]
 
     out = [(acc, fin, s.weight) for s, (acc, fin) in
            enumerate_runs(run_all, [Script([], w, tag=b) for b, (_, w) in enumerate(drafts)])]

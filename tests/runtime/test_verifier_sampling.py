@@ -1,5 +1,7 @@
-"""Sampled verifier tests: Monte-Carlo (TESTING.md layer 2), greedy walk, fail-closed numerics
-(layer 8) and seeded determinism.
+"""Sampled acceptance tests: Monte-Carlo (TESTING.md layer 2), greedy acceptance, fail-closed numerics
+(layer 8) and seeded determinism. Drafting goes through the engine's `TorchDraftSampler` (the World drafter
+of test_verifier_exact.py), acceptance through the batched `accept_sampled` with `draw_uniforms`; many
+rounds run as the rows of one batch.
 
 Monte-Carlo bound: every count must lie within 6·sqrt(n·p·(1−p)) + 5 of its exact expectation. A 6σ
 two-sided normal bound fires falsely with probability ≈ 2e-9 per cell (alpha ≈ 2e-9 per cell; the
@@ -15,13 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.sampling import (AcceptanceRule, ChildKind, NumericsError, greedy_token,
-                              target_probs, verify_greedy, verify_sampling)
+from runtime.batch import TreeBatch
+from runtime.sampling import (AcceptanceRule, ChildKind, NumericsError, TorchDraftSampler, accept_greedy,
+                              accept_sampled, draw_uniforms, greedy_token, inverse_cdf, target_probs,
+                              walk_greedy, walk_sampled)
 from spec_compiler.errors import InputError
-from spec_compiler.tree import DraftTree, TreeTopology
-from tests.runtime.test_verifier_exact import World, accepted_count_dist, kinds_for
+from spec_compiler.tree import Provenance, TreeTopology
+from tests.runtime.test_verifier_exact import (World, accepted_count_dist, draft_batch, kinds_for, provs_for,
+                                               world_drafter)
 
 A, IID, WOR, DET = AcceptanceRule, ChildKind.IID, ChildKind.WOR, ChildKind.DETERMINISTIC
+P = Provenance
 
 
 def within_bound(counts: np.ndarray, probs: np.ndarray, n: int, what: str):
@@ -33,73 +39,31 @@ def within_bound(counts: np.ndarray, probs: np.ndarray, n: int, what: str):
 
 
 # ---------------------------------------------------------------------------------------------------
-# drafting in the test, with the same generator
+# n rounds of drafting (TorchDraftSampler) and acceptance (accept_sampled), as one batch
 # ---------------------------------------------------------------------------------------------------
-def _inverse_cdf(w: list[float], u: float) -> int:
-    """Index drawn from unnormalised weights w with one uniform u (zero weights never drawn)."""
-    t, acc, last = u * sum(w), 0.0, None
-    for x, wx in enumerate(w):
-        if wx > 0:
-            acc += wx
-            last = x
-            if t < acc:
-                return x
-    return last  # u * sum rounding past the end
-
-
-def draw_children(kind: ChildKind, p: torch.Tensor, b: int, gen: torch.Generator) -> list[int]:
-    """Children of one node drawn from p with `gen` (one uniform per sampled child)."""
-    if kind is DET:
-        return sorted(range(p.numel()), key=lambda x: (-float(p[x]), x))[:b]
-    us = torch.rand(b, generator=gen, dtype=torch.float64).tolist()
-    w = p.tolist()
-    if kind is IID:
-        return [_inverse_cdf(w, u) for u in us]
-    if kind is WOR:  # sequential sampling without replacement
-        out = []
-        for u in us:
-            x = _inverse_cdf(w, u)
-            out.append(x)
-            w[x] = 0.0
-        return out
-    raise AssertionError(kind)
-
-
-def draft_tree(world: World, topo: TreeTopology, kinds, ctx, gen) -> tuple[DraftTree, torch.Tensor]:
-    """Sample one DraftTree from the world's drafter, and the target rows q [n, V] for it."""
-    tokens = [-1] * topo.n
-    tokens[0] = ctx[-1]
-    ctxs = [tuple(ctx)] + [None] * (topo.n - 1)
-    dp = torch.zeros(topo.n, world.V, dtype=torch.float64)
-    for i in range(topo.n):  # topological order: node i's token is set before its children
-        if i:
-            ctxs[i] = (ctxs[topo.parents[i]] + (tokens[i],))[-world.order:]
-        kids = topo.children[i]
-        if not kids:
-            continue
-        p = world.p(ctxs[i])
-        dp[i] = p
-        for c, x in zip(kids, draw_children(kinds[i], p, len(kids), gen)):
-            tokens[c] = x
-    q = torch.stack([world.q(c) for c in ctxs])
-    ck = [k.value if k is not None else "" for k in kinds]
-    return DraftTree(topo, tokens, ck, dp), q
+def sampled_steps(world: World, topo: TreeTopology, kind, rule, ctx, n: int, seed: int):
+    """n independent speculative steps after ctx: (tree batch [n rows], paths, next tokens)."""
+    g_draft, g_verify = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    drafter = world_drafter(world, topo, provs_for(topo, kind))
+    sampler = TorchDraftSampler(g_draft)
+    drafts = [drafter(tuple(ctx), sampler) for _ in range(n)]
+    tree, q = draft_batch(world, drafts, tuple(ctx), pad=0)
+    paths, nxt = accept_sampled(tree, q, rule, draw_uniforms([g_verify] * n, tree.T))
+    return tree, paths, nxt
 
 
 def run_rounds(world, topo, kind, rule, ctx, n, seed):
-    gen = torch.Generator().manual_seed(seed)
-    kinds = kinds_for(topo, kind)
+    tree, paths, nxt = sampled_steps(world, topo, kind, rule, ctx, n, seed)
+    g = torch.Generator().manual_seed(seed + 2)
     first = np.zeros(world.V)
     pair = np.zeros((world.V, world.V))
     count = np.zeros(topo.max_depth + 1)
-    for _ in range(n):
-        tree, q = draft_tree(world, topo, kinds, ctx, gen)
-        path, y = verify_sampling(tree, q, rule, gen)
-        assert path[0] == 0 and tuple(path) == topo.path(path[-1])  # a root-to-node path
-        emitted = [tree.tokens[i] for i in path[1:]] + [y]
+    for b, (path, y) in enumerate(zip(paths, nxt)):
+        assert path[0] == 0 and tuple(path) == tree.topologies[b].path(path[-1])  # a root-to-node path
+        emitted = tree.tokens[b, path[1:]].tolist() + [y]
         if len(emitted) < 2:  # pad with plain target sampling
-            u = float(torch.rand((), generator=gen, dtype=torch.float64))
-            emitted.append(_inverse_cdf(world.q(tuple(ctx) + tuple(emitted)).tolist(), u))
+            u = torch.rand((), generator=g, dtype=torch.float64)
+            emitted.append(int(inverse_cdf(world.q(tuple(ctx) + tuple(emitted)), u)))
         first[emitted[0]] += 1
         pair[emitted[0], emitted[1]] += 1
         count[len(path) - 1] += 1
@@ -115,7 +79,7 @@ CTX = (1, 2)
     ("iid-2x1-sample-match", TreeTopology.static([2, 1]), IID, A.SAMPLE_MATCH, 5000),
     ("det-2x1", TreeTopology.static([2, 1]), DET, A.AUTO, 5000),
 ])
-def test_monte_carlo_verify_sampling(name, topo, kind, rule, n):
+def test_monte_carlo_accept_sampled(name, topo, kind, rule, n):
     world = World(V=4, seed=906)
     first, pair, count = run_rounds(world, topo, kind, rule, CTX, n, seed=12345)
     within_bound(first, world.q(CTX).numpy(), n, f"{name} first token")
@@ -137,8 +101,31 @@ def test_monte_carlo_has_power():
         within_bound(count, exp, n, "biased")
 
 
+@pytest.mark.parametrize("prov", [P.iid, P.wor])
+def test_torch_draft_sampler_law(prov):
+    """TorchDraftSampler's ordered draws (multinomial / Gumbel-top-k) against their exact law
+    (i.i.d. products / Plackett-Luce), chi-square at alpha = 1e-6."""
+    from scipy.stats import chi2
+
+    from tests.runtime.test_verifier_exact import EnumeratingSampler, Script, enumerate_runs
+
+    p = torch.tensor([0.4, 0.3, 0.0, 0.2, 0.1], dtype=torch.float64)
+    exact = {tuple(t): s.weight for s, t in
+             enumerate_runs(lambda ss: [EnumeratingSampler(s).children(p, 3, prov) for s in ss], [Script([])])}
+    sampler, n = TorchDraftSampler(torch.Generator().manual_seed(3)), 20000
+    counts = {}
+    for _ in range(n):
+        t = tuple(sampler.children(p, 3, prov))
+        assert t in exact, f"draw {t} has probability 0"
+        counts[t] = counts.get(t, 0) + 1
+    stat = sum((counts.get(t, 0) - n * w) ** 2 / (n * w) for t, w in exact.items())
+    assert stat < chi2.ppf(1 - 1e-6, len(exact) - 1), f"chi2={stat:.1f} over {len(exact)} cells"
+    # fewer children than asked when the support is smaller
+    assert sorted(sampler.children(torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64), 3, P.wor)) == [1, 2]
+
+
 # ---------------------------------------------------------------------------------------------------
-# verify_greedy
+# greedy acceptance (batched accept_greedy and the per-row walk_greedy must agree on every case)
 # ---------------------------------------------------------------------------------------------------
 V = 6
 
@@ -151,8 +138,21 @@ def logits_with_argmax(rows: list[int], noise_seed: int = 0) -> torch.Tensor:
     return lg
 
 
+def tree_of(topo: TreeTopology, tokens: list[int], pad: int = 0, draft_probs=None) -> TreeBatch:
+    return TreeBatch.build([topo], [tokens], [[P.root] + [P.topk] * (topo.n - 1)], topo.n + pad, draft_probs)
+
+
+def greedy(tree: TreeBatch, lg: torch.Tensor) -> tuple[list[int], int]:
+    """Row 0 by both implementations (padding logits appended for the batched one)."""
+    ref = walk_greedy(tree, 0, lg)
+    full = torch.cat([lg, torch.zeros(tree.T - lg.shape[0], lg.shape[1])])[None]
+    paths, nxt = accept_greedy(tree, full)
+    assert (paths[0], nxt[0]) == ref
+    return ref
+
+
 # tree: 0 -> {1: tok 3, 2: tok 1}; 1 -> {3: tok 2}; 2 -> {4: tok 0, 5: tok 5}; 4 -> {6: tok 4}
-GT = DraftTree(TreeTopology((-1, 0, 0, 1, 2, 2, 4)), [9 % V, 3, 1, 2, 0, 5, 4], ["deterministic"] * 3 + [""] * 4)
+GT = tree_of(TreeTopology((-1, 0, 0, 1, 2, 2, 4)), [9 % V, 3, 1, 2, 0, 5, 4], pad=2)
 
 
 def test_greedy_follows_known_path_with_bonus():
@@ -161,38 +161,42 @@ def test_greedy_follows_known_path_with_bonus():
     lg[2] = logits_with_argmax([0])[0]
     lg[4] = logits_with_argmax([4])[0]
     lg[6] = logits_with_argmax([2])[0]
-    path, y = verify_greedy(GT, lg)
+    path, y = greedy(GT, lg)
     assert path == [0, 2, 4, 6] and y == 2
 
 
 def test_greedy_all_accepted_bonus_on_chain():
     topo = TreeTopology.chain(3)
-    tree = DraftTree(topo, [0, 5, 1, 3], ["deterministic"] * 3 + [""])
-    path, y = verify_greedy(tree, logits_with_argmax([5, 1, 3, 4]))
+    tree = tree_of(topo, [0, 5, 1, 3])
+    path, y = greedy(tree, logits_with_argmax([5, 1, 3, 4]))
     assert path == [0, 1, 2, 3] and y == 4
 
 
 def test_greedy_first_level_rejection():
-    path, y = verify_greedy(GT, logits_with_argmax([4, 0, 0, 0, 0, 0, 0]))
+    path, y = greedy(GT, logits_with_argmax([4, 0, 0, 0, 0, 0, 0]))
     assert path == [0] and y == 4
 
 
 def test_greedy_mid_rejection():
     # root -> 3 (node 1), node 1 argmax 5 is not its child (2): recovered 5
-    path, y = verify_greedy(GT, logits_with_argmax([3, 5, 0, 0, 0, 0, 0]))
+    path, y = greedy(GT, logits_with_argmax([3, 5, 0, 0, 0, 0, 0]))
     assert path == [0, 1] and y == 5
 
 
 def test_greedy_root_only_and_ties():
-    tree = DraftTree.root_only(2)
-    path, y = verify_greedy(tree, torch.tensor([[0.0, 1.0, 3.0, 3.0, -1.0, 3.0]]))
+    tree = TreeBatch.roots([2])
+    path, y = greedy(tree, torch.tensor([[0.0, 1.0, 3.0, 3.0, -1.0, 3.0]]))
     assert path == [0] and y == 2  # exact tie: lowest id
     assert greedy_token(torch.tensor([1.0, 1.0])) == 0
 
 
 def test_greedy_duplicate_children_takes_first():
-    tree = DraftTree(TreeTopology((-1, 0, 0)), [0, 3, 3], ["deterministic", "", ""])
-    path, y = verify_greedy(tree, logits_with_argmax([3, 1, 2]))
+    tree = tree_of(TreeTopology((-1, 0, 0)), [0, 3, 3])
+    path, y = greedy(tree, logits_with_argmax([3, 1, 2]))
+    assert path == [0, 1] and y == 1
+    # a duplicate under the second copy is not reachable
+    tree = tree_of(TreeTopology((-1, 0, 0, 2)), [0, 3, 3, 4])
+    path, y = greedy(tree, logits_with_argmax([3, 1, 4, 0]))
     assert path == [0, 1] and y == 1
 
 
@@ -200,7 +204,9 @@ def test_greedy_nan_on_visited_row_raises():
     lg = logits_with_argmax([3, 1, 0, 0, 0, 0, 0])
     lg[1, 2] = float("nan")
     with pytest.raises(NumericsError):
-        verify_greedy(GT, lg)
+        walk_greedy(GT, 0, lg)
+    with pytest.raises(NumericsError):
+        accept_greedy(GT, torch.cat([lg, torch.zeros(2, V)])[None])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -303,18 +309,25 @@ def _zero_world_tree():
                                        (DET, A.RRS_DRAFT_PROBS), (WOR, A.RRS_DRAFT_PROBS)])
 def test_zero_probability_tokens_never_emitted(kind, rule):
     topo, q, p = _zero_world_tree()
-    gen = torch.Generator().manual_seed(99)
-    kinds = [kind, kind, kind, None, None]
-    seen_accept = 0
-    for _ in range(1000):
+    sampler = TorchDraftSampler(torch.Generator().manual_seed(99))
+    provs = provs_for(topo, kind)
+    n = 1000
+    toks = []
+    for _ in range(n):
         tokens = [0] * topo.n
         for i in range(topo.n):
             kids = topo.children[i]
             if kids:
-                for c, x in zip(kids, draw_children(kind, p[i], len(kids), gen)):
+                picked = (sorted(range(5), key=lambda x: (-float(p[i, x]), x))[:len(kids)] if kind is DET
+                          else sampler.children(p[i], len(kids), provs[kids[0]]))
+                for c, x in zip(kids, picked):
                     tokens[c] = x
-        tree = DraftTree(topo, tokens, [k.value if k else "" for k in kinds], p.clone())
-        path, y = verify_sampling(tree, q, rule, gen)
+        toks.append(tokens)
+    tree = TreeBatch.build([topo] * n, toks, [provs] * n, topo.n, p.expand(n, -1, -1))
+    paths, nxt = accept_sampled(tree, q.expand(n, -1, -1), rule,
+                                draw_uniforms([torch.Generator().manual_seed(98)] * n, topo.n))
+    seen_accept = 0
+    for tokens, path, y in zip(toks, paths, nxt):
         for parent, child in zip(path, path[1:]):
             assert q[parent, tokens[child]] > 0, "accepted a token the target gives probability 0"
             seen_accept += 1
@@ -324,43 +337,52 @@ def test_zero_probability_tokens_never_emitted(kind, rule):
 
 
 @pytest.mark.parametrize("u", [0.0, 1.0 - 2.0 ** -53])
-def test_extreme_uniform_draws(monkeypatch, u):
-    """An RNG draw of exactly 0 never accepts a child with acceptance 0 (q(x) = 0); a draw just
-    below 1 still accepts a child with acceptance 1."""
-    import runtime.sampling as S
+def test_extreme_uniform_draws(u):
+    """A uniform of exactly 0 never accepts a child with acceptance 0 (q(x) = 0); one just below 1 still
+    accepts a child with acceptance 1; the final draw never picks a zero-probability id."""
+    topo = TreeTopology((-1, 0))
+    q = torch.tensor([[[0.0, 0.3, 0.7], [0.2, 0.3, 0.5]]], dtype=torch.float64)
+    p = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+    uu = torch.full((1, 2), u, dtype=torch.float64)
+    tree = TreeBatch.build([topo], [[2, 0]], [[P.root, P.iid]], 2, p)
+    for f in (lambda: accept_sampled(tree, q, A.AUTO, uu), lambda: walk_sampled(tree, 0, q[0], A.AUTO, uu[0])):
+        path, y = f()
+        path, y = (path[0], y[0]) if isinstance(y, list) else (path, y)
+        assert path == [0] and y in (1, 2)
+    # q == p on the proposed token: acceptance exactly 1
+    q2 = torch.tensor([[[0.0, 0.0, 1.0], [0.2, 0.3, 0.5]]], dtype=torch.float64)
+    p2 = torch.tensor([[[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+    tree = TreeBatch.build([topo], [[2, 2]], [[P.root, P.iid]], 2, p2)
+    paths, _ = accept_sampled(tree, q2, A.AUTO, uu)
+    assert paths[0] == [0, 1]
+    # inverse_cdf at the extremes
+    w = torch.tensor([0.0, 0.3, 0.0, 0.7, 0.0], dtype=torch.float64)
+    assert int(inverse_cdf(w, torch.tensor(u))) == (1 if u == 0.0 else 3)
 
-    real_rand = torch.rand
 
-    def fake_rand(*args, **kw):
-        return torch.full((), u, dtype=torch.float64)
-
-    monkeypatch.setattr(S.torch, "rand", fake_rand)
-    try:
-        topo = TreeTopology((-1, 0))
-        q = torch.tensor([[0.0, 0.3, 0.7], [0.2, 0.3, 0.5]], dtype=torch.float64)
-        p = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(50):
-            path, y = verify_sampling(DraftTree(topo, [2, 0], ["iid", ""], p), q, A.AUTO, gen)
-            assert path == [0] and y in (1, 2)
-        # q == p on the proposed token: acceptance exactly 1
-        q2 = torch.tensor([[0.0, 0.0, 1.0], [0.2, 0.3, 0.5]], dtype=torch.float64)
-        p2 = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-        path, y = verify_sampling(DraftTree(topo, [2, 2], ["iid", ""], p2), q2, A.AUTO, gen)
-        assert path == [0, 1]
-    finally:
-        monkeypatch.setattr(S.torch, "rand", real_rand)
+def test_inverse_cdf_law_is_exact():
+    """Each id owns an interval of uniforms of exactly its normalised weight (zero weights own none)."""
+    w = torch.tensor([0.0, 0.1, 0.25, 0.0, 0.65, 0.0], dtype=torch.float64)
+    c = torch.cumsum(w, 0) / w.sum()
+    for x in range(6):
+        lo, hi = (float(c[x - 1]) if x else 0.0), float(c[x])
+        if w[x] == 0:
+            continue
+        for u in (lo, (lo + hi) / 2, math.nextafter(hi, 0.0)):
+            assert int(inverse_cdf(w, torch.tensor(u, dtype=torch.float64))) == x
+    us = torch.rand(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert set(inverse_cdf(w.expand(2000, -1), us).tolist()) == {1, 2, 4}
 
 
 def test_deterministic_children_without_draft_probs():
-    """draft_probs=None with deterministic children is the retrieval / static case: δ rule."""
+    """draft_probs=None with top-k / retrieved children (retrieval, static): the δ rule."""
     topo = TreeTopology((-1, 0, 0))
-    tree = DraftTree(topo, [0, 1, 2], ["deterministic", "", ""], None)
-    q = torch.tensor([[0.0, 1.0, 0.0]] * 3, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        path, y = verify_sampling(tree, q, A.AUTO, gen)
-        assert path == [0, 1] and y == 1
+    q = torch.tensor([[[0.0, 1.0, 0.0]] * 3], dtype=torch.float64)
+    for provs in ([P.root, P.topk, P.topk], [P.root, P.retrieved, P.retrieved]):
+        tree = TreeBatch.build([topo], [[0, 1, 2]], [provs], 3, None)
+        for s in range(20):
+            paths, nxt = accept_sampled(tree, q, A.AUTO, draw_uniforms([torch.Generator().manual_seed(s)], 3))
+            assert paths[0] == [0, 1] and nxt[0] == 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -368,15 +390,8 @@ def test_deterministic_children_without_draft_probs():
 # ---------------------------------------------------------------------------------------------------
 def _seeded_run(seed: int, kind: ChildKind, rule: AcceptanceRule, n: int = 200):
     world = World(V=4, seed=906)
-    topo = TreeTopology.static([2, 2])
-    kinds = kinds_for(topo, kind)
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        tree, q = draft_tree(world, topo, kinds, CTX, gen)
-        path, y = verify_sampling(tree, q, rule, gen)
-        out.append((tuple(tree.tokens), tuple(path), y))
-    return out
+    tree, paths, nxt = sampled_steps(world, TreeTopology.static([2, 2]), kind, rule, CTX, n, seed)
+    return [(tuple(tree.row_tokens(b)), tuple(paths[b]), nxt[b]) for b in range(n)]
 
 
 @pytest.mark.parametrize("kind,rule", [(IID, A.AUTO), (WOR, A.AUTO), (IID, A.SAMPLE_MATCH), (DET, A.AUTO)])
@@ -388,16 +403,16 @@ def test_same_seed_same_outputs(kind, rule):
     assert a != c
 
 
-def test_verify_sampling_consumes_generator_in_fixed_order():
-    """Re-seeding the generator before each call reproduces the step exactly, and the step leaves
-    the generator in the same state."""
-    world = World(V=4, seed=906)
-    topo = TreeTopology.static([2, 2])
-    tree, q = draft_tree(world, topo, kinds_for(topo, WOR), CTX, torch.Generator().manual_seed(1))
-    outs, states = set(), set()
-    for _ in range(5):
+def test_uniforms_consume_generator_in_fixed_order():
+    """draw_uniforms takes the same amount of randomness per step whatever the tree size bucket, and a row's
+    uniforms for nodes 0..n-1 do not depend on it: re-seeding reproduces the step exactly."""
+    states, prefixes = set(), set()
+    for T in (1, 3, 8, 64):
         g = torch.Generator().manual_seed(42)
-        path, y = verify_sampling(tree, q, A.AUTO, g)
-        outs.add((tuple(path), y))
+        u = draw_uniforms([g], T)
+        assert u.shape == (1, T) and u.dtype == torch.float64 and ((u >= 0) & (u < 1)).all()
         states.add(bytes(g.get_state().numpy()))
-    assert len(outs) == 1 and len(states) == 1
+        prefixes.add(tuple(u[0, :1].tolist()))
+    assert len(states) == 1 and len(prefixes) == 1
+    g1, g2 = torch.Generator().manual_seed(42), torch.Generator().manual_seed(42)
+    assert torch.equal(draw_uniforms([g1], 3)[0], draw_uniforms([g2], 8)[0, :3])
