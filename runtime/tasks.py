@@ -8,25 +8,17 @@ import hashlib
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from hydra.experimental.callback import Callback
 
 from runtime.decode import DecodeResult, per_position_acceptance
 from runtime.drafters import NoDrafter
 from runtime.load import Runtime
-from spec_compiler.errors import ConfigError, InputError
+from spec_compiler.errors import InputError
+from spec_compiler.prompts import Question, read_question_file
 from spec_compiler.schema import DEFAULT_PROMPT, SpecConfig
-from spec_compiler.validate import resolve_path
-
-
-@dataclass(frozen=True)
-class Question:
-    question_id: Any
-    category: str
-    turns: tuple[str, ...]
 
 
 def read_questions(cfg: SpecConfig) -> list[Question]:
@@ -39,26 +31,6 @@ def read_questions(cfg: SpecConfig) -> list[Question]:
         qs = read_question_file(file, key)
     if cfg.task.num_prompts > 0:
         qs = qs[:cfg.task.num_prompts]
-    return qs
-
-
-def read_question_file(file: str, key: str) -> list[Question]:
-    """A Spec-Bench question file (one JSON row per line with `turns`); errors name config key `key`."""
-    path = resolve_path(file)
-    qs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            turns = row["turns"]
-            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-                raise ValueError("'turns' must be a non-empty list of strings")
-            qs.append(Question(row.get("question_id", n), str(row.get("category", "")), tuple(turns)))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(key, f"{path}:{n}: not a Spec-Bench question row ({e})") from None
-    if not qs:
-        raise ConfigError(key, f"{path}: no questions", file)
     return qs
 
 

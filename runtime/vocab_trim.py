@@ -26,6 +26,7 @@ from runtime.drafters import NoDrafter
 from spec_compiler.checkpoint import sha256_file
 from spec_compiler.errors import CheckpointError, ConfigError
 from spec_compiler.plan import Plan, VocabTrimPlan
+from spec_compiler.prompts import read_question_file
 from spec_compiler.validate import PROJECT_ROOT
 
 ARTIFACT_VERSION = 1
@@ -60,7 +61,6 @@ def calibration_key(plan: Plan) -> tuple[str, dict]:
 
 def read_prompts(path: str, num: int) -> list[str]:
     """First turn of each question (Spec-Bench format), the first `num` (0 = all)."""
-    from runtime.tasks import read_question_file  # runtime.tasks imports the loader, which imports us
     rows = [q.turns[0] for q in read_question_file(path, "drafter.vocab_trim.prompts")]
     return rows[:num] if num else rows
 
