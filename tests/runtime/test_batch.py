@@ -183,9 +183,12 @@ def test_eos_inside_an_accepted_draft_counts_only_emitted_tokens(target, greedy_
     ref = greedy_reference[0]
     copy = lambda: perturbed_copy(model, 0.0, 0) if not isinstance(model, mamba2.Mamba2LMModel) \
         else mamba2.perturbed_copy(model, 0.0, 0)  # noqa: E731
-    for cut in (7, 21, 33):
-        eos = ref[cut]
-        first = ref.index(eos)
+    # tokens first seen at output index i become EOS; a copy drafter's steps emit 5 tokens (4 drafts + bonus),
+    # so i % 5 != 4 puts the EOS inside an accepted draft, with accepted tokens after it dropped
+    fresh = [i for i in range(6, len(ref)) if ref[i] not in ref[:i] and i % 5 != 4]
+    assert fresh
+    for first in fresh[:3]:
+        eos = ref[first]
         drafter = ModelDrafter(copy().eval(), topo, MAX_SEQ + topo.n, ChildKind.deterministic, 1.0, V,
                                cache=new_cache(model, 1, topo))
         res = decode(model, new_cache(model, 1, topo), drafter, prompts()[0], max_new_tokens=40, max_seq_len=MAX_SEQ,
