@@ -3,7 +3,7 @@
 The host learns the outcome from one small tensor (`FusedAcceptResult.packed`), so a verify step
 needs a single device-to-host copy, and with a pre-drawn noise tensor the step is graph-capturable.
 
-The walk (runtime/sampling.py, `verify_greedy` and `verify_sampling(rule=sample_match)`): start at
+The walk (runtime/sampling.py, `walk_greedy` and `walk_sampled(rule=sample_match)`): start at
 the root (node 0); at the current node draw y; follow the lowest-id child whose token is y; when no
 child matches, stop and emit y as the next token (recovered if the node has children, bonus if it is
 a leaf). Step s of the walk (0 <= s <= max_depth) draws
@@ -13,8 +13,8 @@ a leaf). Step s of the walk (0 <= s <= max_depth) draws
 - GREEDY (`gumbel=None`): y = argmax(logits[node]), exactly `greedy_token`.
 - SAMPLE_MATCH (`gumbel` given): with scores = log q (q after temperature/top-k/top-p, -inf where q
   is 0) or simply logits / temperature, the Gumbel-max trick makes y_s an exact draw from q[node].
-  This is `verify_sampling(tree, q, AcceptanceRule.sample_match, gen)` with `sample_from` replaced
-  by that argmax on draw s (the s-th call), which tests/codegen/test_fused_accept.py checks
+  This is `walk_sampled(tree, b, q, AcceptanceRule.sample_match, chooser=...)` with the chooser's
+  s-th draw replaced by that argmax, which tests/codegen/test_fused_accept.py checks
   draw for draw. For deterministic (delta-proposal) children, sample-match has the same law as
   recursive rejection sampling (`AcceptanceRule.auto`): P(child x) = q(x), and a rejection
   leaves q restricted to the other tokens. For i.i.d. or WOR children it is still lossless but

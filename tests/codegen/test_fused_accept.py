@@ -1,16 +1,14 @@
 """Fused tree verification vs its reference and vs the host verifier in runtime/sampling.py.
 
-Greedy: node ids, path length and next token must equal `verify_greedy` exactly. Sample-match:
-with `sample_from` replaced by the kernel's Gumbel-max draw (draw s = argmax(log q + gumbel[s])),
-`verify_sampling(rule=sample_match)` must give the same path and token draw for draw. Random trees
+Greedy: node ids, path length and next token must equal `walk_greedy` exactly. Sample-match:
+with a chooser whose draws are the kernel's Gumbel-max draws (draw s = argmax(log q + gumbel[s])),
+`walk_sampled(rule=sample_match)` must give the same path and token draw for draw. Random trees
 (depth <= 5, branching <= 3) over V = 37 with repeated tokens across and within sibling groups,
 exact logit ties, a batch of different trees padded to one node count, and non-finite rows.
 """
 from __future__ import annotations
 
 import os
-from unittest import mock
-
 import pytest
 import torch
 
@@ -23,9 +21,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 from codegen.fused_accept import (AcceptMode, FusedAcceptSpec, fused_accept, fused_accept_ref,  # noqa: E402
                                   gumbel_noise)
-from runtime import sampling  # noqa: E402
-from runtime.sampling import AcceptanceRule, target_probs, verify_greedy, verify_sampling  # noqa: E402
-from spec_compiler.tree import DraftTree, TreeTopology  # noqa: E402
+from runtime.batch import TreeBatch  # noqa: E402
+from runtime.sampling import AcceptanceRule, target_probs, walk_greedy, walk_sampled  # noqa: E402
+from spec_compiler.tree import Provenance, TreeTopology  # noqa: E402
 from tests.codegen.test_tree_attention import tree_topologies  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,6 +66,23 @@ def assert_same(out, ref):
     assert torch.equal(out.packed.cpu(), ref.packed.cpu()), f"kernel {out.packed.tolist()} != ref {ref.packed.tolist()}"
 
 
+def host_tree(topo: TreeTopology, tokens: torch.Tensor) -> TreeBatch:
+    return TreeBatch.build([topo], [tokens[:topo.n].tolist()], [[Provenance.root] + [Provenance.topk] * (topo.n - 1)],
+                           topo.n)
+
+
+class GumbelDraws:
+    """A one-row chooser for walk_sampled whose s-th draw is the kernel's Gumbel-max draw s."""
+
+    def __init__(self, gumbel_b: torch.Tensor):
+        self.g, self.s = gumbel_b, 0
+
+    def draw(self, w, nodes, active):
+        y = torch.argmax(torch.log(w[0]).float() + self.g[self.s])
+        self.s += 1
+        return y[None]
+
+
 def unpack(res, b):
     n = int(res.path_len[b])
     return res.path[b, :n].tolist(), int(res.next_token[b])
@@ -85,8 +100,7 @@ def test_greedy_equals_verify_greedy(topos, seed, extra_depth, dtype):
     out = fused_accept(*to_device(logits, parents, tokens), max_depth)
     assert_same(out, fused_accept_ref(logits, parents, tokens, max_depth))
     for b, topo in enumerate(topos):
-        tree = DraftTree(topo, tokens[b, :topo.n].tolist())
-        assert unpack(out, b) == verify_greedy(tree, logits[b, :topo.n])
+        assert unpack(out, b) == walk_greedy(host_tree(topo, tokens[b]), 0, logits[b, :topo.n])
 
 
 @SETTINGS
@@ -102,14 +116,8 @@ def test_sample_match_equals_verify_sampling_draw_for_draw(topos, seed, temperat
     assert_same(out, fused_accept_ref(scores, parents, tokens, max_depth, gumbel))
 
     for b, topo in enumerate(topos):
-        draws = iter(range(max_depth + 1))
-
-        def gumbel_max_draw(probs, gen, b=b):
-            return int(torch.argmax(torch.log(probs).float() + gumbel[b, next(draws)]))
-
-        with mock.patch.object(sampling, "sample_from", gumbel_max_draw):
-            expect = verify_sampling(DraftTree(topo, tokens[b, :topo.n].tolist()), q[b, :topo.n],
-                                     AcceptanceRule.sample_match, None)
+        expect = walk_sampled(host_tree(topo, tokens[b]), 0, q[b, :topo.n], AcceptanceRule.sample_match,
+                              chooser=GumbelDraws(gumbel[b]))
         assert unpack(out, b) == expect
 
 
