@@ -26,6 +26,7 @@ Shape legend: B rows, T nodes (bucket), S attended slots, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Sequence
 
 import torch
@@ -84,7 +85,7 @@ class TreeBatch:
     def T(self) -> int:
         return self.tokens.shape[1]
 
-    @property
+    @cached_property
     def valid(self) -> Tensor:
         """[B, T] bool: real nodes."""
         return self.provenance != PAD
@@ -209,11 +210,13 @@ class Block:
         parent_slots = torch.where(parents >= 0, base[:, None] + parents, lengths[:, None] - 1)
         parent_slots = torch.where(tree.valid[:, lo:hi].to(device), parent_slots, torch.full_like(parent_slots, -1))
         anc = tree.anc[:, lo:hi, :hi].to(device)  # [B, T, hi]: visible tree nodes 0..hi-1
-        mask = window_mask(lengths, base, anc, kv_len)
         start = int(base[0]) + lo if B == 1 and base.device.type == "cpu" else None
+        full = start is not None and T == 1 and kv_len == start + 1  # one token that sees every slot (AR, B=1)
+        mask = torch.ones(B, T, kv_len, dtype=torch.bool, device=device) if full else \
+            window_mask(lengths, base, anc, kv_len)
         return Block(slots, base[:, None] + tree.depth[:, lo:hi].to(device), parent_slots, mask, lengths,
                      advance=False, anc=anc[:, :, lo:hi], offsets=slots - lengths[:, None], start=start,
-                     mask_full=start is not None and T == 1 and kv_len == start + 1)
+                     mask_full=full)
 
 
 def window_mask(lengths: Tensor, base: Tensor, anc: Tensor, kv_len: int) -> Tensor:

@@ -44,7 +44,7 @@ __all__ = ["AcceptanceRule", "ChildKind", "NumericsError", "SamplingParams", "ta
            "draw_uniforms", "Uniforms", "accept_greedy", "walk_greedy", "accept_sampled", "walk_sampled",
            "accept", "DraftSampler", "TorchDraftSampler"]
 
-TOPK, IID, WOR, RETRIEVED = int(Provenance.topk), int(Provenance.iid), int(Provenance.wor), int(Provenance.retrieved)
+IID, WOR = int(Provenance.iid), int(Provenance.wor)
 
 
 class NumericsError(InputError):
@@ -211,7 +211,7 @@ class Uniforms:
 
     def accept(self, nodes: Tensor, a: Tensor, active: Tensor) -> Tensor:
         """[B] bool: accept child nodes[b] (acceptance probability a[b]); only `active` rows count."""
-        return self.u.gather(1, nodes.clamp(min=0)[:, None])[:, 0] < a
+        return self.u.gather(1, nodes[:, None])[:, 0] < a
 
     def draw(self, w: Tensor, nodes: Tensor, active: Tensor) -> Tensor:
         """[B] long: an id from weights w [B, V] at node nodes[b] (sample-match)."""
@@ -244,6 +244,8 @@ def accept_greedy(tree: TreeBatch, logits: Tensor) -> tuple[list[list[int]], lis
     check_finite(logits)
     B, T = tree.tokens.shape
     y = torch.argmax(logits, dim=-1)  # [B, T]
+    if T == 1:  # root-only trees (an autoregressive step): nothing to match
+        return [[0] for _ in range(B)], y[:, 0].tolist()
     par = tree.parents
     y_par = y.gather(1, par.clamp(min=0))
     match = tree.valid & (par >= 0) & (tree.tokens == y_par)  # [B, T]
@@ -338,8 +340,11 @@ def walk_sampled(tree: TreeBatch, b: int, q: Tensor, rule: AcceptanceRule, u: Op
     topo, tokens, prov = tree.topologies[b], tree.row_tokens(b), tree.provenance[b].long()
     V = q.shape[-1]
     node, path = 0, [0]
-    one = lambda i: torch.tensor([i])  # noqa: E731  a one-row index for the chooser
     yes = torch.ones(1, dtype=torch.bool)
+
+    def one(i: int) -> Tensor:  # a one-row node index for the chooser
+        return torch.tensor([i])
+
     while True:
         kids = topo.children[node]
         if rule is AcceptanceRule.sample_match:
