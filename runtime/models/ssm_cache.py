@@ -168,7 +168,9 @@ class SSMCache:
     def read(self, layer: int, plan: ForwardPlan) -> tuple[Tensor, Tensor]:
         """(ssm [B, R', H, P, N], conv [B, R', Cd, W-1]): the states the block's roots continue from.
         R' = 1 (each row's committed state) unless some root continues from scratch (R' = T, per node)."""
-        ssm, conv = self.ssm[layer][:, None], self.conv[layer][:, None]  # [B, 1, ...]
+        ssm, conv = self.ssm[layer][:, None], self.conv[layer][:, None]  # [B, 1, ...] views
+        if torch.is_grad_enabled():  # autograd must keep what it read, not a view `write` overwrites
+            ssm, conv = ssm.clone(), conv.clone()
         if plan.fresh is not None:
             keep = ~plan.fresh[:, None, None, None]
             ssm = torch.where(keep[..., None], ssm, torch.zeros((), dtype=ssm.dtype, device=ssm.device))

@@ -1,10 +1,11 @@
-"""Mamba2 / hybrid targets through the unchanged decode loop (TESTING.md layers 3, 5, 6; ALGORITHMS.md §7).
+"""Mamba2 / hybrid targets through Blocks and the engine (TESTING.md layers 3, 5, 6; ALGORITHMS.md §7).
 
 - a tree forward's per-node logits equal a step-by-step decode along each root-to-node path (hypothesis
-  trees, fp32 and fp64), also when the tree is fed level by level as ModelDrafter does;
+  forests after a prefix, fp32 and fp64), also when the tree is fed in two forwards, the second continuing
+  from the first's scratch;
 - prefill == step-by-step decode == chunked scan at any split (teacher forced);
 - the cache-free training forward equals a prefill, and its gradients equal step-by-step decoding's;
-- after a tree forward and `compact(path)`, the committed SSM state, conv window and KV equal a fresh
+- after a tree forward and `commit(path)`, the committed SSM state, conv window and KV equal a fresh
   prefill of prefix + path, for accepted paths from the root alone to a whole branch, over repeated rounds;
 - greedy speculative output equals autoregressive output for model, prompt-lookup drafters and two tree
   shapes, and the cache equals a fresh prefill after every step;
@@ -18,14 +19,17 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
+from torch import Tensor
 
 from scipy.stats import chi2
 
+from runtime.batch import Block, TreeBatch, window_mask
 from runtime.decode import SamplingParams, decode
-from runtime.drafters import ModelDrafter, NoDrafter, PromptLookupDrafter
+from runtime.drafters import ModelDrafter, NoDrafter
+from runtime.lookup import PromptLookupDrafter
 from runtime.models.mamba2 import Mamba2Config, Mamba2LMModel, init_random_mamba2, perturbed_copy
 from runtime.sampling import ChildKind, target_probs
-from spec_compiler.tree import TreeTopology
+from spec_compiler.tree import Provenance, TreeTopology
 
 V = 53
 CONFIGS = {
@@ -45,18 +49,24 @@ NEW = 150
 def prefill(model, tokens: list[int] | torch.Tensor, capacity: int = 64):
     """A fresh cache holding `tokens` (a list, or [B, T]; T may be 0), and their logits."""
     ids = torch.tensor([tokens], dtype=torch.long) if isinstance(tokens, list) else tokens  # [B, T]
-    cache = model.new_cache(ids.shape[0], capacity)
-    if ids.shape[1] == 0:
+    B, T = ids.shape
+    cache = model.new_cache(B, capacity)
+    if T == 0:
         return cache, None
     with torch.no_grad():
-        logits = model(ids, torch.arange(ids.shape[1]).expand_as(ids), cache, 0)
+        logits = model(ids, torch.arange(T).expand_as(ids), cache, Block.causal(0, T, B))
     return cache, logits
 
 
+def step(model, ids, cache, t):
+    """One token per row at slot t (an advance block: the recurrence once). ids: [B, 1]."""
+    return model(ids, torch.full_like(ids, t), cache, Block.causal(t, 1, ids.shape[0]))
+
+
 def assert_cache_equal(cache, L: int, fresh, atol=1e-5):
-    ssm, conv = cache.prefix_state(L)
-    torch.testing.assert_close(ssm, fresh.ssm, atol=atol, rtol=1e-5)
-    torch.testing.assert_close(conv, fresh.conv, atol=atol, rtol=1e-5)
+    """The committed state (all rows) of `cache` at length L against a fresh prefill's."""
+    torch.testing.assert_close(cache.ssm, fresh.ssm, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(cache.conv, fresh.conv, atol=atol, rtol=1e-5)
     if fresh.kv is not None:
         torch.testing.assert_close(cache.kv.k[..., :L, :], fresh.kv.k[..., :L, :], atol=atol, rtol=1e-5)
         torch.testing.assert_close(cache.kv.v[..., :L, :], fresh.kv.v[..., :L, :], atol=atol, rtol=1e-5)
@@ -71,16 +81,25 @@ def trees(draw):
     return draw(st.integers(0, 6)), parents  # prefix length, parents (-1: hangs off the prefix's last token)
 
 
-def tree_inputs(P: int, parents: list[int]):
+def forest_block(P: int, parents: list[int], B: int, lo: int = 0, hi: int | None = None) -> tuple[Block, Tensor]:
+    """The Block of nodes lo..hi-1 of a forest after a P-token prefix (node i at slot P + i, parent -1: hangs
+    off the prefix's last token), and the forest's [n, n] ancestor-or-self mask."""
     n = len(parents)
+    hi = n if hi is None else hi
     anc = torch.eye(n, dtype=torch.bool)
     depth = [0] * n
     for i, p in enumerate(parents):
         if p >= 0:
             anc[i] |= anc[p]
             depth[i] = depth[p] + 1
-    mask = torch.cat([torch.ones(n, P, dtype=torch.bool), anc], dim=1)  # [n, P + n]
-    return mask, torch.tensor(depth) + P, anc
+    T = hi - lo
+    lengths = torch.full((B,), P)
+    slots = (P + torch.arange(lo, hi)).expand(B, T)
+    parent_slots = torch.tensor([P + p if p >= 0 else P - 1 for p in parents[lo:hi]]).expand(B, T)
+    block = Block(slots, (torch.tensor(depth[lo:hi]) + P).expand(B, T), parent_slots,
+                  window_mask(lengths, lengths, anc[lo:hi, :hi].expand(B, T, hi), P + hi), lengths,
+                  anc=anc[lo:hi, lo:hi].expand(B, T, T), offsets=torch.arange(lo, hi).expand(B, T))
+    return block, anc
 
 
 @settings(max_examples=20, deadline=None, derandomize=True, database=None)
@@ -93,26 +112,26 @@ def test_tree_forward_equals_step_decode_along_each_path(tree, kind, dtype, seed
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, V, (2, P), generator=g)
     nodes = torch.randint(0, V, (2, n), generator=g)
-    mask, pos, anc = tree_inputs(P, parents)
+    block, anc = forest_block(P, parents, 2)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
     with torch.no_grad():
         cache, _ = prefill(model, prefix)
-        out = model(nodes, pos.expand(2, n), cache, P, attn_mask=mask)  # [2, n, V]
+        out = model(nodes, block.positions, cache, block)  # [2, n, V]
         for i in range(n):
             path = anc[i].nonzero().flatten()
             ref_cache, _ = prefill(model, prefix)
             for r, node in enumerate(path.tolist()):  # the plain recurrence, one token per forward
-                ref = model(nodes[:, node:node + 1], torch.full((2, 1), P + r), ref_cache, P + r)[:, 0]
+                ref = step(model, nodes[:, node:node + 1], ref_cache, P + r)[:, 0]
             torch.testing.assert_close(out[:, i], ref, **tol)
 
-        # the same tree fed in two forwards, the second continuing from the first's scratch (ModelDrafter)
+        # the same forest fed in two forwards, the second continuing from the first's scratch
         k = int(torch.randint(1, n + 1, (1,), generator=g))
         cache2, _ = prefill(model, prefix)
-        first = model(nodes[:, :k], pos[:k].expand(2, k), cache2, P, attn_mask=mask[:k, :P + k])
-        torch.testing.assert_close(first, out[:, :k], **tol)
+        first, _ = forest_block(P, parents, 2, 0, k)
+        torch.testing.assert_close(model(nodes[:, :k], first.positions, cache2, first), out[:, :k], **tol)
         if k < n:
-            second = model(nodes[:, k:], pos[k:].expand(2, n - k), cache2, P + k, attn_mask=mask[k:])
-            torch.testing.assert_close(second, out[:, k:], **tol)
+            second, _ = forest_block(P, parents, 2, k, n)
+            torch.testing.assert_close(model(nodes[:, k:], second.positions, cache2, second), out[:, k:], **tol)
 
 
 # ---- prefill == step == chunked ---------------------------------------------------------------------------
@@ -129,12 +148,12 @@ def test_prefill_equals_steps_equals_chunks(kind):
     torch.testing.assert_close(wide_logits, full, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         step_cache = model.new_cache(2, 64)
-        steps = torch.cat([model(ids[:, t:t + 1], pos[:, t:t + 1], step_cache, t) for t in range(13)], dim=1)
+        steps = torch.cat([step(model, ids[:, t:t + 1], step_cache, t) for t in range(13)], dim=1)
         split_cache = model.new_cache(2, 64)
-        split = torch.cat([model(ids[:, a:b], pos[:, a:b], split_cache, a) for a, b in ((0, 5), (5, 6), (6, 13))], 1)
+        split = torch.cat([model(ids[:, a:b], pos[:, a:b], split_cache, Block.causal(a, b - a, 2))
+                           for a, b in ((0, 5), (5, 6), (6, 13))], 1)
     for logits, cache in ((steps, step_cache), (split, split_cache), (wide_logits, wide_cache)):
         torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
-        assert cache.length == 13
         assert_cache_equal(cache, 13, full_cache)
 
 
@@ -157,7 +176,7 @@ def test_cache_free_forward_equals_prefill_and_its_gradients_equal_step_decode(k
     assert free.requires_grad
     grads = torch.autograd.grad((free * w).sum(), params)
     cache = model.new_cache(2, 13)
-    steps = torch.cat([model(ids[:, t:t + 1], pos[:, t:t + 1], cache, t) for t in range(13)], dim=1)
+    steps = torch.cat([step(model, ids[:, t:t + 1], cache, t) for t in range(13)], dim=1)
     torch.testing.assert_close(free, steps, atol=1e-5, rtol=1e-5)
     ref = torch.autograd.grad((steps * w).sum(), params)
     for (name, _), g, r in zip(model.named_parameters(), grads, ref):
@@ -169,29 +188,29 @@ def test_cache_free_forward_equals_prefill_and_its_gradients_equal_step_decode(k
 
 @pytest.mark.parametrize("tree", list(TREES))
 @pytest.mark.parametrize("kind", list(CONFIGS))
-def test_compact_equals_fresh_prefill_over_repeated_rollbacks(kind, tree):
+def test_commit_equals_fresh_prefill_over_repeated_rollbacks(kind, tree):
     model, topo = MODELS[kind], TREES[tree]
     g = torch.Generator().manual_seed(11)
     tokens = torch.randint(0, V, (9,), generator=g).tolist()
     L = len(tokens) - 1  # the last token is the pending root
-    cache = model.new_cache(1, 128, num_scratch=topo.n + 1)
+    cache = model.new_cache(1, 128, num_scratch=topo.n)
     leaves = topo.leaves
-    # accepted node per round: root only (without and with an explicit compact), a middle node, a whole branch
-    choices = [0, "0c", 1, leaves[-1], 0, 0, topo.levels[min(2, topo.max_depth)][-1], leaves[0], 0, "0c"]
+    # accepted node per round: the root alone, a middle node, a whole branch
+    choices = [0, 0, 1, leaves[-1], 0, 0, topo.levels[min(2, topo.max_depth)][-1], leaves[0], 0, 0]
+    provs = [Provenance.root] + [Provenance.topk] * (topo.n - 1)
     with torch.no_grad():
-        model(torch.tensor([tokens[:L]]), torch.arange(L)[None], cache, 0)
+        model(torch.tensor([tokens[:L]]), torch.arange(L)[None], cache, Block.causal(0, L))
         for choice in choices:
             tree_tokens = [tokens[-1]] + torch.randint(0, V, (topo.n - 1,), generator=g).tolist()
-            model(torch.tensor([tree_tokens]), topo.position_ids(L)[None], cache, L, topo.attention_mask(L))
-            path = list(topo.path(0 if choice == "0c" else choice))
-            if len(path) > 1 or choice == "0c":
-                cache.compact(torch.tensor(path) + L, L)
+            tb = TreeBatch.build([topo], [tree_tokens], [provs], topo.n)
+            block = Block.tree(torch.tensor([L]), tb, L + topo.n)
+            model(tb.tokens, block.positions, cache, block)
+            path = list(topo.path(choice))
+            cache.commit([L], [path])
             L += len(path)
             tokens += [tree_tokens[i] for i in path[1:]] + [int(torch.randint(0, V, (1,), generator=g))]
             fresh, _ = prefill(model, tokens[:L], capacity=128)
             assert_cache_equal(cache, L, fresh)
-            if len(path) > 1 or choice == "0c":
-                assert cache.length == L
 
 
 # ---- greedy speculative decoding == autoregressive ---------------------------------------------------------
@@ -223,7 +242,7 @@ def test_ar_loop_matches_full_recomputation(prompt, reference):
 
 def make_drafter(kind: str, target, topo: TreeTopology):
     if kind == "prompt_lookup":
-        return PromptLookupDrafter(topo, 1, 3, 8)
+        return PromptLookupDrafter(topo, 1, 3, 8, rows=1)
     model = {"small": lambda: init_random_mamba2(DRAFT_CFG, seed=123),
              "noised": lambda: perturbed_copy(target, 0.1, 7),
              "copy": lambda: perturbed_copy(target, 0.0, 0)}[kind]()
@@ -246,7 +265,7 @@ def test_greedy_equality(kind, drafter, tree, prompt, reference):
     if drafter == "noised":
         assert 1.2 < res.tau < topo.max_depth + 0.9, res.tau  # partial acceptance: every commit path is exercised
     elif drafter == "small":
-        assert res.tau < 1.3, res.tau  # almost every draft rejected: root-only steps continue from scratch
+        assert res.tau < 1.3, res.tau  # almost every draft rejected: root-only commits
 
 
 @pytest.mark.parametrize("kind,drafter,tree", [("mamba2", "noised", "static321"), ("hybrid", "noised", "chain4"),
@@ -265,7 +284,7 @@ def test_cache_equals_fresh_prefill_after_every_step(kind, drafter, tree, prompt
     assert res.output_ids == reference[kind][:50]
     assert len(accepted) > 5
     if drafter != "copy":
-        assert 1 in accepted  # root-only steps (no compact: the next forward continues from scratch)
+        assert 1 in accepted  # root-only steps (the root's scratch state committed)
     assert max(accepted) > 1
 
 
@@ -282,9 +301,10 @@ def test_context_limit_inside_draft(prompt, reference):
 def test_branching_inside_the_committed_prefix_is_refused():
     model = MODELS["mamba2"]
     cache, _ = prefill(model, list(range(8)))
-    mask = torch.ones(1, 6, dtype=torch.bool)
+    block = Block.tree(torch.tensor([8]), TreeBatch.roots([1]), 9)
+    block.parent_slots = torch.tensor([[4]])  # a node continuing from slot 4 < L - 1
     with pytest.raises(AssertionError, match="committed prefix"):
-        model(torch.tensor([[1]]), torch.tensor([[5]]), cache, 5, mask)  # parent slot 4 < length - 1
+        model(torch.tensor([[1]]), torch.tensor([[5]]), cache, block)
 
 
 def test_config_round_trip():

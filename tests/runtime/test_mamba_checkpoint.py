@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from runtime.batch import Block
 from runtime.models.mamba2 import Mamba2Config, init_random_mamba2
 from runtime.models.mamba_checkpoint import (load_mamba2, mamba_ssm_config, param_shapes, read_mamba2_config,
                                              save_hf_mamba2, save_mamba_ssm)
@@ -21,7 +22,8 @@ PURE = Mamba2Config(vocab_size=50, d_model=16, n_layer=2, d_state=8, headdim=8, 
 
 def logits(model, ids):
     with torch.no_grad():
-        return model(ids, torch.arange(ids.shape[1]).expand_as(ids), model.new_cache(ids.shape[0], ids.shape[1]), 0)
+        B, T = ids.shape
+        return model(ids, torch.arange(T).expand_as(ids), model.new_cache(B, T), Block.causal(0, T, B))
 
 
 @pytest.fixture(scope="module")

@@ -208,15 +208,6 @@ def test_level_by_level_growth_equals_whole_tree_forward(kind):
             assert torch.equal(out[b], out1[0])  # the last level's logits
 
 
-def test_branching_inside_the_committed_prefix_is_refused():
-    model = MODELS["mamba2"]
-    cache = prefill_rows(model, [list(range(8))])
-    block = Block.tree(torch.tensor([8]), TreeBatch.roots([1]), 9)
-    block.parent_slots = torch.tensor([[4]])  # parent slot 4 < L - 1
-    with pytest.raises(AssertionError, match="committed prefix"):
-        model(torch.tensor([[1]]), torch.tensor([[5]]), cache, block)
-
-
 def test_scratch_smaller_than_the_tree_is_refused():
     model = MODELS["mamba2"]
     cache = prefill_rows(model, [list(range(8))], num_scratch=4)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from runtime.batch import Block, TreeBatch
 from runtime.models.mamba2 import Mamba2Config, init_random_mamba2
 from runtime.sampling import AcceptanceRule, ChildKind, target_probs
-from spec_compiler.tree import TreeTopology
+from spec_compiler.tree import Provenance, TreeTopology
 from tests.runtime.test_verifier_exact import TOL, World, emitted_joint, kinds_for
 
 V = 4
@@ -22,7 +23,7 @@ BASE = (1, 3, 0, 2)  # committed context; its last token is the tree root
 
 @dataclass
 class SSMWorld(World):
-    """q(ctx) from the SSM model: prefill BASE[:-1], then verify root + path as a tree (masked forward)."""
+    """q(ctx) from the SSM model: prefill BASE[:-1], then verify root + path as a tree (a tree Block)."""
 
     model: object = None
 
@@ -40,12 +41,14 @@ class SSMWorld(World):
         cache = self.model.new_cache(1, 32)
         with torch.no_grad():
             if not tree:
-                return self.model(torch.tensor([ctx]), torch.arange(len(ctx))[None], cache, 0)[0, -1]
-            self.model(torch.tensor([BASE[:-1]]), torch.arange(L)[None], cache, 0)
+                return self.model(torch.tensor([ctx]), torch.arange(len(ctx))[None], cache,
+                                  Block.causal(0, len(ctx)))[0, -1]
+            self.model(torch.tensor([BASE[:-1]]), torch.arange(L)[None], cache, Block.causal(0, L))
             path = ctx[L:]
             topo = TreeTopology.chain(len(path) - 1)
-            return self.model(torch.tensor([path]), topo.position_ids(L)[None], cache, L,
-                              topo.attention_mask(L))[0, -1]
+            tb = TreeBatch.build([topo], [path], [[Provenance.root] + [Provenance.topk] * (topo.n - 1)], topo.n)
+            block = Block.tree(torch.tensor([L]), tb, L + topo.n)
+            return self.model(tb.tokens, block.positions, cache, block)[0, -1]
 
     def q(self, ctx: Sequence[int]) -> torch.Tensor:
         k = tuple(ctx)
