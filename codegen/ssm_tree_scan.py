@@ -13,11 +13,11 @@ mask after clamping the exponent to <= 0; never multiplied by it (inf * 0 = NaN)
 
 This file holds, per STYLE.md habit 1:
 - `ssm_tree_scan_ref`: the masked form in PyTorch (the runtime's CPU path; it also accepts several
-  initial states, one per block root, which the kernel does not);
+  initial states, one per block root, which the kernel does not); per-row trees [b, T, T];
 - `ssm_tree_scan_sequential`: the recurrence node by node in topological order (the test oracle);
-- `_ssm_tree_scan_fwd_kernel` + `ssm_tree_scan`: the Triton kernel (one program per (batch, head,
-  P-block); tree size as a constexpr bucket, the ancestor mask as a small run-time tensor) and its
-  launcher; `SSMTreeScanSpec` names its compile-time parameters.
+- `_ssm_tree_scan_fwd_kernel` + `ssm_tree_scan`: the Triton kernel (one program per (row, head,
+  P-block); tree size as a constexpr bucket, the ancestor mask as a small run-time tensor, one per row
+  or shared) and its launcher; `SSMTreeScanSpec` names its compile-time parameters.
 
 Triton is imported guarded, so CPU-only installs can use the references.
 
@@ -171,7 +171,7 @@ def _ssm_tree_scan_fwd_kernel(  # a @triton.jit kernel, decorated by _jit_kernel
     stride_dt_b, stride_dt_t, stride_dt_h,
     stride_B_b, stride_B_t, stride_B_g, stride_B_n,
     stride_C_b, stride_C_t, stride_C_g, stride_C_n,
-    stride_anc_i, stride_anc_j,
+    stride_anc_b, stride_anc_i, stride_anc_j,
     stride_D_h, stride_D_p,
     stride_s_b, stride_s_h, stride_s_p, stride_s_n,
     stride_y_b, stride_y_t, stride_y_h, stride_y_p,
@@ -195,6 +195,7 @@ def _ssm_tree_scan_fwd_kernel(  # a @triton.jit kernel, decorated by _jit_kernel
     dt = tl.load(dt_ptr + b * stride_dt_b + offs_t * stride_dt_t + h * stride_dt_h, mask=t_ok, other=0.0)
     dt = dt.to(tl.float32)
     A = tl.load(A_ptr + h).to(tl.float32)
+    anc_ptr = anc_ptr + b * stride_anc_b  # this row's tree (stride 0: one tree for every row)
     anc = tl.load(anc_ptr + offs_t[:, None] * stride_anc_i + offs_t[None, :] * stride_anc_j,
                   mask=t_ok[:, None] & t_ok[None, :], other=0) != 0  # [BLOCK_T, BLOCK_T]
     # c_i = sum over i's ancestors-or-self j of dt_j * A
@@ -248,8 +249,9 @@ def _jit_kernel():
 def ssm_tree_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, anc: Tensor, *,
                   D: Tensor | None = None, init_state: Tensor | None = None, return_states: bool = False
                   ) -> tuple[Tensor, Tensor | None]:
-    """The Triton kernel: same arguments and results as `ssm_tree_scan_ref` with one block root, whose
-    previous state is init_state: [b, H, P, N] (None: zeros). Outputs are fp32."""
+    """The Triton kernel: same arguments and results as `ssm_tree_scan_ref` with one block root per row,
+    whose previous state is init_state: [b, H, P, N] (None: zeros); anc: [T, T] (every row) or [b, T, T].
+    Outputs are fp32."""
     if triton is None:
         raise ImportError("ssm_tree_scan needs triton (pip install 'spec-compiler[gpu]'); "
                           "use ssm_tree_scan_ref on CPU")
@@ -257,7 +259,7 @@ def ssm_tree_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, anc: T
     G, N = B.shape[2], B.shape[3]
     assert dt.shape == (b, T, H) and A.shape == (H,), (dt.shape, A.shape, x.shape)
     assert B.shape == C.shape == (b, T, G, N) and H % G == 0, (B.shape, C.shape, H)
-    assert anc.shape == (T, T), (anc.shape, T)
+    assert anc.shape in ((T, T), (b, T, T)), (anc.shape, b, T)
     assert init_state is None or init_state.shape == (b, H, P, N), (init_state.shape, (b, H, P, N))
     assert D is None or D.shape in ((H,), (H, P)), (D.shape, H, P)
     spec = SSMTreeScanSpec.for_tree(T, P, N, has_D=D is not None, d_has_hdim=D is not None and D.dim() == 2,
@@ -266,6 +268,7 @@ def ssm_tree_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, anc: T
     y = torch.empty(b, T, H, P, device=dev, dtype=torch.float32)
     states = torch.empty(b, T, H, P, N, device=dev, dtype=torch.float32) if return_states else None
     anc = anc.to(device=dev, dtype=torch.int8)
+    anc_strides = (0, *anc.stride()) if anc.dim() == 2 else tuple(anc.stride())
     Dt = D if D is not None else A  # dummy pointers when absent (never read)
     St = init_state if init_state is not None else x
     Dst = states if states is not None else y
@@ -276,7 +279,7 @@ def ssm_tree_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, anc: T
     _jit_kernel()[grid](
         x, dt, A, B, C, anc, Dt, St, y, Dst,
         T, H, P, N, H // G,
-        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *anc.stride(),
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *anc_strides,
         *D_strides, *s_strides, *y.stride(), *st_strides,
         HAS_D=spec.has_D, D_HAS_HDIM=spec.d_has_hdim, HAS_INIT_STATE=spec.has_init_state,
         STORE_STATES=spec.store_states, BLOCK_T=spec.block_t, BLOCK_P=spec.block_p, BLOCK_N=spec.block_n,

@@ -218,10 +218,9 @@ class Mamba2Mixer(nn.Module):
                 state = state[:, None]  # [b, 1, H, P, N]: the node's scratch entry
         elif plan.advance:
             y, state = ssd_chunked_scan(x, dt, A, Bm, Cm, c.chunk_size, D, S0[:, 0])
-        elif self.use_triton and x.is_cuda and cdt == torch.float32 and plan.shared_anc:
-            anc = plan.anc if plan.anc.dim() == 2 else plan.anc[0]
-            y, state = ssm_tree_scan(x, dt, A, Bm, Cm, anc, D=D, init_state=S0[:, 0], return_states=True)
-        else:  # per-row trees, roots continuing from scratch (a drafter's level), or CPU: the torch form
+        elif self.use_triton and x.is_cuda and cdt == torch.float32 and not plan.scratch_roots:
+            y, state = ssm_tree_scan(x, dt, A, Bm, Cm, plan.anc, D=D, init_state=S0[:, 0], return_states=True)
+        else:  # roots continuing from scratch (a drafter's level: one state per node), or CPU: the torch form
             y, state = ssm_tree_scan_ref(x, dt, A, Bm, Cm, plan.anc, D=D, init_states=S0,
                                          init_index=plan.init_index, return_states=True)
         cache.write(layer, plan, state, window)

@@ -50,8 +50,6 @@ class ForwardPlan:
     """[B, T] long: which of the R' read states node t's path starts from (tree blocks)."""
     anc: Tensor | None = None
     """[B, T, T] bool: in-block ancestor-or-self (tree blocks)."""
-    shared_anc: bool = False
-    """Every row has the same `anc` and the roots read committed states (the single-source kernel applies)."""
     conv_index: Tensor | None = None
     """[B, T, W] long into [the R' read windows (R' x (W - 1)) ; the block's inputs (T)] (tree blocks)."""
     offsets: Tensor | None = None
@@ -139,7 +137,6 @@ class SSMCache:
         bad_branch = ((root_parent >= 0) & (root_parent < L - 1)).any()
         bad_offset = ((offsets < 0) | (offsets >= self.num_scratch)).any()
         fresh = lengths == 0
-        shared = anc.dim() == 2 or anc.stride(0) == 0
         flags = torch.stack([from_scratch.any(), fresh.any(), bad_branch, bad_offset]).tolist()
         scratch_roots, any_fresh, branch, offset_out = flags
         assert not branch, ("a token's parent slot lies inside the committed prefix (before L_b - 1): a forward "
@@ -161,8 +158,7 @@ class SSMCache:
         conv_index = torch.stack(cols[::-1], dim=-1)  # [B, T, W]
         return ForwardPlan(False, fresh if any_fresh else None, scratch_roots,
                            (root_parent - L).clamp(min=0) if scratch_roots else None,
-                           from_scratch if scratch_roots else None, init_index, anc,
-                           shared and not scratch_roots, conv_index, offsets)
+                           from_scratch if scratch_roots else None, init_index, anc, conv_index, offsets)
 
     # ---- per layer ---------------------------------------------------------------------------------------
     def read(self, layer: int, plan: ForwardPlan) -> tuple[Tensor, Tensor]:

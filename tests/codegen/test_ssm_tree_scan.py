@@ -80,6 +80,29 @@ def test_masked_form_equals_recurrence(forest, dtype, D_has_hdim, seed):
     assert torch.isfinite(y).all()
 
 
+@SETTINGS
+@given(st.lists(forests(max_nodes=8), min_size=2, max_size=3), st.integers(0, 2**31 - 1))
+def test_per_row_trees_equal_each_row_alone(rows, seed):
+    """anc [b, T, T] and init_index [b, T]: every row its own forest (padded to one T with lone nodes), each
+    row equal to the recurrence on its own forest and bitwise equal to the same row computed alone."""
+    T = max(len(p) for p, _, _ in rows)
+    R = max(r for _, _, r in rows)
+    parents = [p + [-1] * (T - len(p)) for p, _, _ in rows]
+    idx = [init_index(p, init + [0] * (T - len(init))) for p, (_, init, _) in zip(parents, rows)]
+    b = len(rows)
+    kw, S = inputs(seed, b, T, 4, 3, 2, 5, R)
+    anc = torch.stack([ancestors(p) for p in parents])
+    y, states = ssm_tree_scan_ref(**kw, anc=anc, init_states=S, init_index=torch.tensor(idx), return_states=True)
+    for r in range(b):
+        one = {k: v if k in ("A", "D") else v[r:r + 1] for k, v in kw.items()}  # row r alone
+        y_seq, st_seq = ssm_tree_scan_sequential(**one, parents=parents[r], init_states=S[r:r + 1], init_index=idx[r])
+        torch.testing.assert_close(y[r:r + 1], y_seq, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(states[r:r + 1], st_seq, atol=1e-5, rtol=1e-5)
+        y1, st1 = ssm_tree_scan_ref(**one, anc=anc[r], init_states=S[r:r + 1], init_index=torch.tensor(idx[r]),
+                                    return_states=True)
+        assert torch.equal(y1, y[r:r + 1]) and torch.equal(st1, states[r:r + 1])
+
+
 def test_chain_reduces_to_chunked_scan():
     T = 11
     kw, S = inputs(0, 2, T, 4, 3, 2, 5, 1, torch.float64)
@@ -128,6 +151,19 @@ def test_kernel_matches_reference(forest, dims, has_state, D_has_hdim, seed):
     y_only, none = ssm_tree_scan(**kw, anc=anc, init_state=None if init is None else init[:, 0])
     assert none is None
     torch.testing.assert_close(y_only, y, atol=0, rtol=0)
+
+
+@needs_triton
+def test_kernel_per_row_trees():
+    """anc [b, T, T]: each row its own tree (a verify batch of different trees, padded with lone nodes)."""
+    trees = [[-1, 0, 0, 1, 1, 2], [-1, 0, 1, 2, -1, -1], [-1, -1, -1, -1, -1, -1]]
+    T = len(trees[0])
+    kw, S = inputs(3, len(trees), T, 2, 5, 2, 7, 1, device=DEVICE)
+    anc = torch.stack([ancestors(p) for p in trees]).to(DEVICE)
+    y_ref, st_ref = ssm_tree_scan_ref(**kw, anc=anc, init_states=S, return_states=True)
+    y, states = ssm_tree_scan(**kw, anc=anc, init_state=S[:, 0], return_states=True)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(states, st_ref, atol=1e-4, rtol=1e-4)
 
 
 def test_spec_buckets_tree_sizes():
