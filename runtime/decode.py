@@ -49,8 +49,10 @@ class DecodeResult:
     """Seconds in drafter.propose (of the batched steps this request took part in)."""
     verify_time: float = 0.0
     """Seconds in the target's tree forward and the acceptance."""
+    prefill_time: float = 0.0
+    """Seconds prefilling the prompt (target and drafter)."""
     other_time: float = 0.0
-    """The rest of wall_time: prefill, cache commit, bookkeeping, and waiting for other rows."""
+    """The rest of wall_time: cache commit, bookkeeping, and waiting for other rows (their prefills too)."""
     wall_time: float = 0.0
     """Seconds from admission to the last token."""
 
@@ -140,6 +142,7 @@ class Engine:
         self._prefill(req.slot, req.tokens[:req.L])
         self.drafter.start(req.slot, req.tokens)
         self.rows.append(req)
+        req.result.prefill_time = time.perf_counter() - req.t_start
 
     @torch.inference_mode()
     def _prefill(self, slot: int, ids: list[int]) -> None:
@@ -202,7 +205,7 @@ class Engine:
         """req leaves; the last row moves into its row."""
         res = req.result
         res.wall_time = time.perf_counter() - req.t_start
-        res.other_time += res.wall_time - res.draft_time - res.verify_time
+        res.other_time = res.wall_time - res.prefill_time - res.draft_time - res.verify_time
         b, last = self.rows.index(req), len(self.rows) - 1
         if b != last:
             moved = self.rows[last]
