@@ -172,10 +172,11 @@ class Engine:
         t2 = time.perf_counter()
         self.cache.commit(lengths, paths)
         done = []
+        toks = tree.tokens.tolist()
         for b, r in enumerate(rows):
             path = paths[b]
             res = r.result
-            new = tree.tokens[b, path[1:]].tolist() + [nxt[b]]
+            new = [toks[b][i] for i in path[1:]] + [nxt[b]]
             stop = next((i for i, x in enumerate(new) if x in self.eos), None)
             if stop is not None:
                 new = new[:stop + 1]
