@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from runtime.batch import Block
+from runtime import batch as fwd  # fwd.Block: one forward's slots and mask (not the decoder Block below)
 from runtime.models.norm import RMSNorm
 from spec_compiler.arch import LlamaConfig
 
@@ -52,7 +52,7 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-                     block: Block | None, mask: Tensor | None, scale: float | None = None) -> Tensor:
+                     block: fwd.Block | None, mask: Tensor | None, scale: float | None = None) -> Tensor:
     """Grouped-query attention of a block of T new tokens; writes their keys/values into the cache first.
 
     q: [B, H, T, D]; k, v: [B, Hkv, T, D] (the block's own); k_cache, v_cache: [B, Hkv, C, D], or None for
@@ -152,7 +152,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.H * self.D, c.hidden_size, bias=c.o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-                block: Block | None, mask: Tensor | None) -> Tensor:
+                block: fwd.Block | None, mask: Tensor | None) -> Tensor:
         # x: [B, T, hidden]; cos, sin: [B, 1, T, D]; k_cache, v_cache: [B, Hkv, C, D] or None; mask: [B, 1, T, S]
         B, T, _ = x.shape
         qk, v = self.wqkv(x).split([(self.H + self.Hkv) * self.D, self.Hkv * self.D], dim=-1)
@@ -211,7 +211,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(c)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-                block: Block | None, mask: Tensor | None) -> Tensor:
+                block: fwd.Block | None, mask: Tensor | None) -> Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, block, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -243,7 +243,7 @@ class LlamaModel(nn.Module):
                        dtype=dtype or w.dtype, device=device or w.device)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache | None = None,
-                block: Block | None = None, num_logits: int | None = None) -> Tensor:
+                block: fwd.Block | int | None = None, num_logits: int | None = None) -> Tensor:
         """Logits for a block of T new tokens (for its last `num_logits` tokens only, when given: a prefill
         needs none, a drafter's catch-up one): `logits(hidden(...))`."""
         return self.logits(self.hidden(input_ids, position_ids, cache, block, num_logits))
@@ -253,19 +253,23 @@ class LlamaModel(nn.Module):
         return self.output(h).float()
 
     def hidden(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache | None = None,
-               block: Block | None = None, num_rows: int | None = None) -> Tensor:
+               block: fwd.Block | int | None = None, num_rows: int | None = None) -> Tensor:
         """Final (normed) hidden states of a block of T new tokens, for its last `num_rows` only when given.
 
         With a `cache`, `block` (runtime.batch.Block) says where each row's tokens go (their K/V are written
-        at `block.slots`) and what they attend to (`block.mask` over slots [0, S)). With `cache=None`
+        at `block.slots`) and what they attend to (`block.mask` over slots [0, S)); an int `block` is
+        `Block.causal(block, T, B)`: every row continues its text from that slot. With `cache=None`
         (training) nothing is stored and the block attends causally to itself; this path is differentiable.
         """
         # input_ids, position_ids: [B, T] -> [B, T or num_rows, hidden]
         B, T = input_ids.shape
         if cache is None:
-            assert block is None, "cache=None attends causally within the block; no Block"
-            mask = None
+            assert block is None or (isinstance(block, int) and block == 0), \
+                "cache=None attends causally within the block from slot 0"
+            block = mask = None
         else:
+            if isinstance(block, int):  # a causal continuation of every row from slot `block` (prefill, one token)
+                block = fwd.Block.causal(block, T, B, device=input_ids.device)
             assert block is not None and block.slots.shape == (B, T), "a cached forward needs its Block"
             assert block.S <= cache.capacity, f"KV window {block.S} exceeds cache capacity {cache.capacity}"
             assert cache.k.shape[1] == B, (cache.k.shape, B)
