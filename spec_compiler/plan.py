@@ -88,13 +88,13 @@ class Plan:
     """The drafter's LM head is trimmed (VocabTrim); None = full head."""
     cpu_transforms: CpuTransforms = CpuTransforms()
     """Load-time CPU fast paths (runtime/transforms.py); all off unless device is cpu."""
+    environment: tuple[tuple[str, Optional[str]], ...] = ()
+    """(name, value) pairs that determine compiled output: library versions and the device (`environment`)."""
     plan_version: int = PLAN_VERSION
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    environment: tuple[tuple[str, Optional[str]], ...] = ()
-    """(name, value) pairs that determine compiled output: library versions and the device (`environment`)."""
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 

@@ -102,13 +102,6 @@ class DistillLoss(str, enum.Enum):
     """Total variation distance; 1 - TVD is the per-token acceptance rate of speculative sampling."""
 
 
-class WeightDType(str, enum.Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-@dataclass
 # Lower-case names are canonical (config files spell them so); upper-case names are aliases.
 class ChildKind(str, enum.Enum):
     """How a node's children were drawn from the drafter: what the verifier takes as their proposal."""
@@ -138,49 +131,60 @@ class AcceptanceRule(str, enum.Enum):
     RRS_WOR = "rrs_wor"
 
 
-class ModelConfig:
-    """A causal LM: where its weights come from and, for random weights, its architecture."""
+@dataclass
+class ModelArch:
+    """An architecture: the fields a model built from config (random weights, or one to train) is made of.
+    Shared by the target/drafter `ModelConfig` and `TrainConfig.target/drafter`; each conf/ option sets its
+    own sizes. Attention fields apply to transformer and hybrid, SSM fields to mamba2 and hybrid
+    (`check_arch`)."""
+
+    arch: Arch = Arch.transformer
+    """Model kind: transformer (Llama family) | mamba2 (Mamba2 blocks only) | hybrid (attention at attn_layer_idx);
+    a checkpoint must match it."""
+    hidden_size: int = 64
+    """Model width (d_model); with attention num_heads times an even head dim."""
+    num_layers: int = 2
+    """Decoder layers (blocks), attention layers of a hybrid included."""
+    num_heads: int = 4
+    """Attention heads (transformer, and the attention layers of a hybrid)."""
+    num_kv_heads: int = 2
+    """Key/value heads for grouped-query attention; divides num_heads."""
+    intermediate_size: int = 128
+    """transformer: SwiGLU hidden size."""
+    rope_theta: float = 10000.0
+    """RoPE base (a hybrid's attention rotates the whole head dim)."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding with the LM head."""
+    d_state: int = 16
+    """mamba2/hybrid: SSM state size N per head."""
+    d_conv: int = 4
+    """mamba2/hybrid: causal depthwise conv1d width; >= 2."""
+    expand: int = 2
+    """mamba2/hybrid: d_inner = expand * hidden_size."""
+    headdim: int = 16
+    """mamba2/hybrid: SSM head dim P; divides d_inner (d_inner / headdim SSM heads)."""
+    ngroups: int = 1
+    """mamba2/hybrid: groups sharing B and C; divides the number of SSM heads."""
+    chunk_size: int = 256
+    """mamba2/hybrid: SSD chunk length of the causal scan (training, prefill); a verified tree must fit in one chunk."""
+    d_intermediate: int = 0
+    """mamba2/hybrid: gated-MLP width after every mixer, a multiple of 128 (mamba-ssm's rounding); 0 = no MLP."""
+    attn_layer_idx: list[int] = field(default_factory=list)
+    """hybrid: indices of the attention layers (distinct, in [0, num_layers), at least one Mamba2 layer left)."""
+
+
+@dataclass
+class ModelConfig(ModelArch):
+    """A causal LM: where its weights come from and, for random weights, its architecture (`ModelArch`)."""
 
     source: ModelSource = ModelSource.checkpoint
     """Where the weights come from."""
     checkpoint: Optional[str] = None
     """Checkpoint directory (source=checkpoint): HF layout, or mamba-ssm's for mamba2/hybrid; relative to the project root."""
-    arch: Arch = Arch.transformer
-    """Model kind; a checkpoint must match it."""
     family: Family = Family.llama
     """Architecture family for random weights (checkpoints state their own)."""
     vocab_size: int = 257
     """Vocabulary size (random weights)."""
-    hidden_size: int = 64
-    """Model width (random weights)."""
-    num_layers: int = 2
-    """Decoder layers (random weights)."""
-    num_heads: int = 4
-    """Attention heads (random weights)."""
-    num_kv_heads: int = 2
-    """Key/value heads for grouped-query attention (random weights); divides num_heads."""
-    intermediate_size: int = 128
-    """SwiGLU hidden size (random weights)."""
-    rope_theta: float = 10000.0
-    """RoPE base (random weights)."""
-    tie_word_embeddings: bool = True
-    """Share the input embedding with the LM head (random weights)."""
-    d_state: int = 16
-    """mamba2/hybrid (random weights): SSM state size N per head."""
-    d_conv: int = 4
-    """mamba2/hybrid (random weights): causal conv1d width."""
-    expand: int = 2
-    """mamba2/hybrid (random weights): d_inner = expand * hidden_size."""
-    headdim: int = 16
-    """mamba2/hybrid (random weights): SSM head dim P; divides d_inner."""
-    ngroups: int = 1
-    """mamba2/hybrid (random weights): groups sharing B and C; divides the number of SSM heads."""
-    chunk_size: int = 256
-    """mamba2/hybrid: SSD chunk length; a verified tree must fit in one chunk."""
-    d_intermediate: int = 0
-    """mamba2/hybrid (random weights): gated-MLP width after each mixer (0 = none)."""
-    attn_layer_idx: list[int] = field(default_factory=list)
-    """hybrid (random weights): indices of the attention layers (num_heads / num_kv_heads apply to them)."""
     seed: int = 0
     """Seed for random weights / drafter noise."""
     noise_std: float = 0.0
@@ -364,49 +368,12 @@ class TaskConfig:
             raise ConfigError("task.repeats", "must be >= 1", self.repeats)
 
 
-@dataclass
-class ArchConfig:
-    """An architecture to train: Llama, Mamba2 or a Mamba2/attention hybrid (the vocabulary comes from the
-    trained tokenizer). The attention fields apply to transformer and hybrid, the SSM fields to mamba2 and
-    hybrid; a pure Mamba2 without MLP is exported in HF Mamba2ForCausalLM layout, any other SSM model in
-    mamba-ssm's (training/train.py)."""
-
-    arch: Arch = Arch.transformer
-    """Model kind: transformer (Llama) | mamba2 (Mamba2 blocks only) | hybrid (attention at attn_layer_idx)."""
-    hidden_size: int = 256
-    """Model width (d_model); with attention a multiple of num_heads with an even head dim (hidden_size / num_heads)."""
-    num_layers: int = 4
-    """Decoder layers (blocks), attention layers of a hybrid included."""
-    num_heads: int = 4
-    """Attention heads (transformer, and the attention layers of a hybrid)."""
-    num_kv_heads: int = 2
-    """Key/value heads for grouped-query attention; divides num_heads."""
-    intermediate_size: int = 768
-    """transformer: SwiGLU hidden size."""
-    rope_theta: float = 10000.0
-    """RoPE base (transformer; a hybrid's attention rotates the whole head dim)."""
-    tie_word_embeddings: bool = True
-    """Share the input embedding with the LM head (at V = 16384 the head is most of a small model)."""
-    d_state: int = 32
-    """mamba2/hybrid: SSM state size N per head."""
-    d_conv: int = 4
-    """mamba2/hybrid: causal depthwise conv1d width; >= 2."""
-    expand: int = 2
-    """mamba2/hybrid: d_inner = expand * hidden_size."""
-    headdim: int = 32
-    """mamba2/hybrid: SSM head dim P; divides d_inner (d_inner / headdim SSM heads)."""
-    ngroups: int = 1
-    """mamba2/hybrid: groups sharing B and C; divides the number of SSM heads."""
-    chunk_size: int = 256
-    """mamba2/hybrid: SSD chunk length of the training scan and of prefill; also bounds a verified tree's size."""
-    d_intermediate: int = 0
-    """mamba2/hybrid: gated-MLP width after every mixer, a multiple of 128 (mamba-ssm's rounding); 0 = no MLP."""
-    attn_layer_idx: list[int] = field(default_factory=list)
-    """hybrid: indices of the attention layers (distinct, in [0, num_layers), at least one Mamba2 layer left)."""
+def _target_arch() -> ModelArch:
+    return ModelArch(hidden_size=256, num_layers=4, intermediate_size=768, d_state=32, headdim=32)
 
 
-def _drafter_arch() -> ArchConfig:
-    return ArchConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384)
+def _drafter_arch() -> ModelArch:
+    return ModelArch(hidden_size=128, num_layers=2, intermediate_size=384, d_state=32, headdim=32)
 
 
 @dataclass
@@ -423,9 +390,9 @@ class TrainConfig:
     """Windows per optimizer step."""
     seed: int = 0
     """Seeds initialization and window sampling: same config + corpus = bitwise the same weights."""
-    target: ArchConfig = field(default_factory=ArchConfig)
+    target: ModelArch = field(default_factory=_target_arch)
     """The target model's architecture."""
-    drafter: ArchConfig = field(default_factory=_drafter_arch)
+    drafter: ModelArch = field(default_factory=_drafter_arch)
     """The drafter's architecture (smaller than the target's)."""
     target_steps: int = 650
     """Optimizer steps of target pre-training (next-token cross-entropy)."""
@@ -453,8 +420,9 @@ class TrainConfig:
     """Measure held-out loss every this many steps (and always at the end)."""
     eval_tokens: int = 32768
     """Held-out tokens per evaluation (non-overlapping windows from the start of the held-out stream); >= seq_len."""
-    dtype: WeightDType = WeightDType.float16
-    """dtype of the exported weights (training is fp32); float16 keeps the pair under the 40 MB budget."""
+    dtype: DType = DType.float16
+    """dtype of the exported weights (training is fp32): float32, bfloat16 or float16; float16 keeps the pair
+    under the 40 MB budget."""
     heldout_fraction: float = 0.05
     """Fraction of corpus files held out (chosen by a hash of the path); in (0, 1)."""
     max_files: Optional[int] = None
@@ -472,6 +440,8 @@ class TrainConfig:
             raise ConfigError("train.vocab_size", "must be >= 257 (256 bytes + <|endoftext|>)", self.vocab_size)
         for name, arch in (("target", self.target), ("drafter", self.drafter)):
             check_arch(f"train.{name}", arch)
+        if self.dtype is DType.float64:
+            raise ConfigError("train.dtype", "exported weights are float32, bfloat16 or float16", self.dtype.value)
         if self.lr <= 0:
             raise ConfigError("train.lr", "must be > 0", self.lr)
         if not 0 <= self.min_lr <= self.lr:
@@ -492,8 +462,8 @@ class TrainConfig:
                               self.max_position_embeddings)
 
 
-def check_arch(key: str, a) -> None:
-    """Architecture rules shared by TrainConfig's ArchConfig and a random-weight ModelConfig (same field names)."""
+def check_arch(key: str, a: ModelArch) -> None:
+    """Architecture rules of a ModelArch (a random-weight ModelConfig, or a model to train)."""
     attention = a.arch is not Arch.mamba2
     ssm = a.arch is not Arch.transformer
     positive = ("hidden_size", "num_layers") + (("num_heads", "num_kv_heads") if attention else ()) \

@@ -24,7 +24,7 @@ from spec_compiler.tree import TreeTopology
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-ModelArch = LlamaConfig | Mamba2Config
+ResolvedArch = LlamaConfig | Mamba2Config
 
 
 class IneffectiveSettingWarning(UserWarning):
@@ -45,8 +45,8 @@ class Resolved:
     """A validated config plus what validation had to read to check it (the models' architectures)."""
 
     cfg: SpecConfig
-    target_arch: ModelArch
-    drafter_arch: Optional[ModelArch]
+    target_arch: ResolvedArch
+    drafter_arch: Optional[ResolvedArch]
     topology: TreeTopology
     child_kind: ChildKind
     acceptance: AcceptanceRule
@@ -66,7 +66,7 @@ def _warn(key: str, msg: str) -> None:
     warnings.warn(f"{key}: {msg}", IneffectiveSettingWarning, stacklevel=3)
 
 
-def _arch(m: ModelConfig, key: str, target: Optional[ModelArch]) -> ModelArch:
+def _arch(m: ModelConfig, key: str, target: Optional[ResolvedArch]) -> ResolvedArch:
     if m.source is ModelSource.checkpoint:
         if not m.checkpoint:
             raise ConfigError(f"{key}.checkpoint", "required when source=checkpoint")
@@ -221,7 +221,7 @@ def _check_cpu_transforms(cfg: SpecConfig, device: str) -> None:
         _warn(f"backend.cpu_transforms.{'/'.join(named)}", "no effect on cuda (CPU fast paths, device=cpu only)")
 
 
-def _check_vocab_trim(cfg: SpecConfig, drafter_arch: Optional[ModelArch]) -> None:
+def _check_vocab_trim(cfg: SpecConfig, drafter_arch: Optional[ResolvedArch]) -> None:
     vt = cfg.drafter.vocab_trim
     if not vt.enabled:
         return

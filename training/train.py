@@ -45,6 +45,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from runtime.load import DTYPES
 from runtime.models.checkpoint import save_llama
 from runtime.models.llama import LlamaModel
 from runtime.models.mamba2 import Mamba2LMModel
@@ -52,7 +53,7 @@ from runtime.models.mamba_checkpoint import save_hf_mamba2, save_mamba_ssm
 from spec_compiler.arch import LlamaConfig, Mamba2Config
 from spec_compiler.checkpoint import MANIFEST, sha256_file
 from spec_compiler.errors import CheckpointError, ConfigError
-from spec_compiler.schema import Arch, ArchConfig, DistillLoss, TrainConfig, WeightDType
+from spec_compiler.schema import Arch, DistillLoss, DType, ModelArch, TrainConfig
 from spec_compiler.validate import resolve_path
 from training.bpe import train_tokenizer
 from training.corpus import EOT, Corpus, build_corpus
@@ -63,11 +64,9 @@ STATE_VERSION = 1
 RECENT = 50
 """The reported train loss is the mean over the last this many steps."""
 INIT_STD = 0.02
-TORCH_DTYPES = {WeightDType.float32: torch.float32, WeightDType.bfloat16: torch.bfloat16,
-                WeightDType.float16: torch.float16}
 LLAMA_ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "rope_theta",
                    "tie_word_embeddings")
-"""The ArchConfig fields a transformer's run key hashes (those it had before SSM archs: old states stay valid)."""
+"""The ModelArch fields a transformer's run key hashes (those it had before SSM archs: old states stay valid)."""
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 """Weight files an export may hold; those of another layout are removed when a directory is re-exported."""
 
@@ -227,14 +226,14 @@ def eval_windows(stream: Tensor, seq_len: int, max_tokens: int) -> tuple[Tensor,
 
 # ---- models, optimizer, schedule ---------------------------------------------------------------------
 
-def model_config(arch: ArchConfig, cfg: TrainConfig, vocab_size: int, eot_id: int) -> ModelConfigT:
+def model_config(arch: ModelArch, cfg: TrainConfig, vocab_size: int, eot_id: int) -> ModelConfigT:
     """The LlamaConfig (arch=transformer) or Mamba2Config (mamba2, hybrid) of one model to train."""
     if arch.arch is Arch.transformer:
         return llama_config(arch, cfg, vocab_size, eot_id)
     return mamba2_config(arch, vocab_size, eot_id)
 
 
-def llama_config(arch: ArchConfig, cfg: TrainConfig, vocab_size: int, eot_id: int) -> LlamaConfig:
+def llama_config(arch: ModelArch, cfg: TrainConfig, vocab_size: int, eot_id: int) -> LlamaConfig:
     return LlamaConfig(vocab_size=vocab_size, hidden_size=arch.hidden_size, num_layers=arch.num_layers,
                        num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
                        intermediate_size=arch.intermediate_size, rope_theta=arch.rope_theta,
@@ -243,7 +242,7 @@ def llama_config(arch: ArchConfig, cfg: TrainConfig, vocab_size: int, eot_id: in
                        eos_token_ids=(eot_id,), family="llama")
 
 
-def mamba2_config(arch: ArchConfig, vocab_size: int, eot_id: int) -> Mamba2Config:
+def mamba2_config(arch: ModelArch, vocab_size: int, eot_id: int) -> Mamba2Config:
     """mamba-ssm defaults elsewhere (RMSNorm eps 1e-5, gated norm, conv bias, attention biases); a hybrid's
     attention rotates the whole head dim with base rope_theta."""
     attn = {}
@@ -473,7 +472,7 @@ def run_keys(cfg: TrainConfig, corpus_hash: str, tok_hash: str) -> dict[str, str
 
 
 def _arch_key(arch: dict[str, Any]) -> dict[str, Any]:
-    """What of one model's ArchConfig goes into its run key: a transformer's Llama fields only (so states
+    """What of one model's ModelArch goes into its run key: a transformer's Llama fields only (so states
     written before the SSM fields existed still resume), every field for mamba2 and hybrid."""
     if arch["arch"] == Arch.transformer.value:
         return {k: arch[k] for k in LLAMA_ARCH_KEYS}
@@ -500,7 +499,7 @@ def export_layout(model: Model) -> tuple[str, str]:
     return "mamba_ssm", "pytorch_model.bin"
 
 
-def export(model: Model, d: Path, tok_file: Path, eot_id: int, dtype: WeightDType,
+def export(model: Model, d: Path, tok_file: Path, eot_id: int, dtype: DType,
            info: dict[str, Any]) -> dict[str, Any]:
     """Write a checkpoint directory plus manifest.json (written last, so a torn export has none).
 
@@ -512,7 +511,7 @@ def export(model: Model, d: Path, tok_file: Path, eot_id: int, dtype: WeightDTyp
         if stale != weights:
             (d / stale).unlink(missing_ok=True)
     save = {"hf_llama": save_llama, "hf_mamba2": save_hf_mamba2, "mamba_ssm": save_mamba_ssm}[layout]
-    save(copy.deepcopy(model).to(TORCH_DTYPES[dtype]), d)
+    save(copy.deepcopy(model).to(DTYPES[dtype.value]), d)
     shutil.copyfile(tok_file, d / "tokenizer.json")
     (d / "generation_config.json").write_text(json.dumps({"bos_token_id": None, "eos_token_id": eot_id}, indent=2)
                                               + "\n")

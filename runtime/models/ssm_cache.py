@@ -54,6 +54,8 @@ class ForwardPlan:
     """[B, T, W] long into [the R' read windows (R' x (W - 1)) ; the block's inputs (T)] (tree blocks)."""
     offsets: Tensor | None = None
     """[B, T] long: scratch entry each node's state goes to (tree blocks)."""
+    rows: Tensor | None = None
+    """[B, T] long: each node's row (index for the scratch reads and writes)."""
 
 
 class SSMCache:
@@ -112,7 +114,7 @@ class SSMCache:
     # ---- planning a forward ----------------------------------------------------------------------------
     def plan(self, block: Block) -> ForwardPlan:
         """Resolve where every token of `block` continues from (see the module docstring): vectorised over
-        the B x T tokens, one host sync for the checks and the choice of path."""
+        the B x T tokens (a few host reads for the checks and the choice of path)."""
         B, T = block.slots.shape
         lengths = block.lengths
         if block.advance:
@@ -125,40 +127,35 @@ class SSMCache:
 
         slots, parent_slots, offsets = block.slots, block.parent_slots, block.offsets
         L = lengths[:, None]  # [B, 1]
-        # in-block parent: the earlier token of the same row sitting at the parent slot (-1: a block root)
-        eq = parent_slots[:, :, None] == slots[:, None, :]  # [B, T(i), T(j)]
-        eq &= torch.ones(T, T, dtype=torch.bool, device=eq.device).tril(-1)
-        parent = torch.where(eq.any(-1), eq.to(torch.uint8).argmax(-1), -1)  # [B, T]
-        anc = block.anc if block.anc is not None else _ancestors(parent)
-        root = anc.to(torch.uint8).argmax(-1)  # [B, T]: first ancestor-or-self (topological order) = block root
-        depth = anc.sum(-1) - 1  # [B, T] in-block depth
-        root_parent = parent_slots.gather(1, root)  # [B, T]
+        anc = block.anc if block.anc is not None else _ancestors(slots, parent_slots)  # [B, T, T]
+        rank = anc.cumsum(-1) - 1  # [B, T, T]: at node t's in-block ancestors, their depth 0..depth_t
+        depth = rank[..., -1]  # [B, T] in-block depth
+        root = anc.to(torch.uint8).argmax(-1)  # [B, T]: the first ancestor-or-self (topological order)
+        root_parent = parent_slots.gather(1, root)  # [B, T]: the slot each node's block root continues from
         from_scratch = root_parent >= L
         bad_branch = ((root_parent >= 0) & (root_parent < L - 1)).any()
-        bad_offset = ((offsets < 0) | (offsets >= self.num_scratch)).any()
+        lo_off, hi_off = offsets.aminmax()
         fresh = lengths == 0
-        flags = torch.stack([from_scratch.any(), fresh.any(), bad_branch, bad_offset]).tolist()
-        scratch_roots, any_fresh, branch, offset_out = flags
+        scratch_roots, any_fresh, branch = (bool(from_scratch.any()), bool(fresh.any()), bool(bad_branch))
         assert not branch, ("a token's parent slot lies inside the committed prefix (before L_b - 1): a forward "
                             "can only continue from the last committed slot, the block, or scratch")
-        assert not offset_out, (f"tree nodes write scratch offsets outside [0, {self.num_scratch}): "
-                                "new_cache(num_scratch=...) must cover the tree bucket")
+        assert 0 <= int(lo_off) and int(hi_off) < self.num_scratch, (
+            f"tree nodes write scratch offsets {int(lo_off)}..{int(hi_off)}, outside [0, {self.num_scratch}): "
+            "new_cache(num_scratch=...) must cover the tree bucket")
 
         # conv windows: entry r (oldest first) of node t is its k-th newest path input, k = W-1-r: the in-block
-        # ancestor k hops up while k <= depth, else entry k - depth from the end of the root's read window
+        # ancestor at depth depth_t - k when that is >= 0, else entry k - depth_t from the end of the window
+        # its root read (R' windows of W-1 entries, then the block's T inputs)
         W, W1 = self.d_conv, self.d_conv - 1
-        init_index = (root if scratch_roots else torch.zeros_like(root))  # [B, T]
+        init_index = root if scratch_roots else torch.zeros_like(root)  # [B, T]
         R_read = T if scratch_roots else 1
-        cols, cur = [], torch.arange(T, device=slots.device).expand(B, T)
-        for k in range(W):
-            in_block = k <= depth
-            window = init_index * W1 + (W1 - (k - depth)).clamp(0, W1 - 1)
-            cols.append(torch.where(in_block, R_read * W1 + cur.clamp(min=0), window))
-            cur = torch.where(cur >= 0, parent.gather(1, cur.clamp(min=0)), -1)
-        conv_index = torch.stack(cols[::-1], dim=-1)  # [B, T, W]
+        need = depth[..., None] - torch.arange(W1, -1, -1, device=slots.device)  # [B, T, W] depth of entry r
+        at = (anc[:, :, None, :] & (rank[:, :, None, :] == need[..., None])).to(torch.uint8).argmax(-1)  # [B, T, W]
+        conv_index = torch.where(need >= 0, R_read * W1 + at, init_index[..., None] * W1 + W1 + need)
         return ForwardPlan(False, fresh if any_fresh else None, scratch_roots,
                            (root_parent - L).clamp(min=0) if scratch_roots else None,
-                           from_scratch if scratch_roots else None, init_index, anc, conv_index, offsets)
+                           from_scratch if scratch_roots else None, init_index, anc, conv_index, offsets,
+                           torch.arange(B, device=slots.device)[:, None].expand(B, T))
 
     # ---- per layer ---------------------------------------------------------------------------------------
     def read(self, layer: int, plan: ForwardPlan) -> tuple[Tensor, Tensor]:
@@ -173,10 +170,8 @@ class SSMCache:
             conv = torch.where(keep, conv, torch.zeros((), dtype=conv.dtype, device=conv.device))
         if not plan.scratch_roots:
             return ssm, conv
-        B, T = plan.init_offset.shape
-        rows = torch.arange(B, device=ssm.device)[:, None].expand(B, T)
-        s = self.scratch_ssm[layer][rows, plan.init_offset]  # [B, T, H, P, N]
-        w = self.scratch_conv[layer][rows, plan.init_offset]  # [B, T, Cd, W-1]
+        s = self.scratch_ssm[layer][plan.rows, plan.init_offset]  # [B, T, H, P, N]
+        w = self.scratch_conv[layer][plan.rows, plan.init_offset]  # [B, T, Cd, W-1]
         pick = plan.from_scratch[:, :, None, None]
         return torch.where(pick[..., None], s, ssm), torch.where(pick, w, conv)
 
@@ -187,10 +182,8 @@ class SSMCache:
             self.ssm[layer].copy_(ssm)
             self.conv[layer].copy_(conv)
             return
-        B, T = plan.offsets.shape
-        rows = torch.arange(B, device=ssm.device)[:, None].expand(B, T)
-        self.scratch_ssm[layer][rows, plan.offsets] = ssm.to(self.scratch_ssm.dtype)
-        self.scratch_conv[layer][rows, plan.offsets] = conv.to(self.scratch_conv.dtype)
+        self.scratch_ssm[layer][plan.rows, plan.offsets] = ssm.to(self.scratch_ssm.dtype)
+        self.scratch_conv[layer][plan.rows, plan.offsets] = conv.to(self.scratch_conv.dtype)
 
     # ---- after verification --------------------------------------------------------------------------
     def commit(self, lengths: list[int], paths: list[list[int]]) -> None:
@@ -206,12 +199,12 @@ class SSMCache:
             self.kv.commit(lengths, paths)
 
 
-def _ancestors(parent: Tensor) -> Tensor:
-    """[B, T, T] bool ancestor-or-self from in-block parents [B, T] (-1: a block root), topological order."""
-    B, T = parent.shape
-    anc = torch.eye(T, dtype=torch.bool, device=parent.device).expand(B, T, T).clone()
-    for t in range(1, T):  # only for Blocks built without `anc` (Block.causal and Block.tree give it)
-        p = parent[:, t]
-        has = p >= 0
-        anc[has, t] |= anc[has, p[has]]
+def _ancestors(slots: Tensor, parent_slots: Tensor) -> Tensor:
+    """[B, T, T] bool in-block ancestor-or-self from each token's parent slot (for a Block built without
+    `anc`; Block.causal and Block.tree give it), tokens in topological order."""
+    B, T = slots.shape
+    is_parent = parent_slots[:, :, None] == slots[:, None, :]  # [B, T(i), T(j)]: j is i's in-block parent
+    anc = torch.eye(T, dtype=torch.bool, device=slots.device).expand(B, T, T).clone()
+    for t in range(1, T):
+        anc[:, t] |= (is_parent[:, t, :t, None] & anc[:, :t]).any(1)
     return anc

@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -206,6 +208,31 @@ def test_level_by_level_growth_equals_whole_tree_forward(kind):
             assert torch.equal(cache.scratch_ssm[:, b, :n], alone.scratch_ssm[:, 0, :n])
             assert torch.equal(cache.scratch_conv[:, b, :n], alone.scratch_conv[:, 0, :n])
             assert torch.equal(out[b], out1[0])  # the last level's logits
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_block_without_anc_and_copy_row(kind):
+    """A Block without `anc` (derived from the parent slots) gives the same forward; `copy_row` moves a row's
+    committed state and KV, so the moved request continues bitwise as it would have in its old row."""
+    model = MODELS[kind]
+    lengths = [7, 4]
+    texts, trees = random_rows(6, lengths, [STATIC, STATIC])
+    with torch.no_grad():
+        tb = tree_batch([STATIC] * 2, trees)
+        block = Block.tree(torch.tensor(lengths), tb, 7 + BUCKET)
+        a = prefill_rows(model, texts)
+        out = model(tb.tokens, block.positions, a, block)
+        b = prefill_rows(model, texts)
+        assert torch.equal(model(tb.tokens, block.positions, b, replace(block, anc=None)), out)
+        a.commit(lengths, [[0, 1, 3], [0]])
+        a.copy_row(0, 1)  # row 0's request moves to row 1
+        moved = [lengths[0] + 3] * 2
+        nxt = tree_batch([STATIC] * 2, [trees[1]] * 2)
+        nblock = Block.tree(torch.tensor(moved), nxt, moved[0] + BUCKET)
+        got = model(nxt.tokens, nblock.positions, a, nblock)
+        assert torch.equal(got[0], got[1])
+        a.reset()
+        assert not a.ssm.any() and not a.conv.any() and not a.scratch_ssm.any()
 
 
 def test_scratch_smaller_than_the_tree_is_refused():

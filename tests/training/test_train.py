@@ -173,6 +173,9 @@ def test_bad_train_config_names_the_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         tiny(tmp_path, "train.min_lr=1.0")
     assert e.value.where == "train.min_lr"
+    with pytest.raises(ConfigError) as e:  # one DType enum; exports are restricted by a rule
+        tiny(tmp_path, "train.dtype=float64")
+    assert e.value.where == "train.dtype"
 
 
 def test_lr_schedule():

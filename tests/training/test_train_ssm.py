@@ -14,6 +14,7 @@ import torch
 
 import main
 import training.train as train_mod
+from runtime.batch import Block
 from runtime.models.checkpoint import load_llama
 from runtime.models.llama import LlamaModel
 from runtime.models.mamba2 import Mamba2LMModel
@@ -108,7 +109,7 @@ def test_exports_load_with_the_in_memory_logits(pair):
             if isinstance(loaded, Mamba2LMModel):
                 # mamba-ssm's config.json has no EOS (generation_config.json holds it, checked above)
                 assert replace(loaded.config, eos_token_ids=()) == replace(models[model].config, eos_token_ids=())
-                got = loaded(ids, pos, loaded.new_cache(1, ids.shape[1]), 0)  # the inference (cached) forward
+                got = loaded(ids, pos, loaded.new_cache(1, ids.shape[1]), Block.causal(0, ids.shape[1]))  # cached
             else:
                 got = loaded(ids, pos)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -236,11 +237,11 @@ def test_bad_ssm_arch_names_the_key(tmp_path, override, where):
 
 
 def test_transformer_run_keys_are_unchanged_by_the_ssm_fields(tmp_path):
-    """A Llama state written before ArchConfig had `arch` and the SSM fields still resumes: its run key hashes
+    """A Llama state written before the train architecture had `arch` and the SSM fields still resumes: its run key hashes
     the Llama fields only, so changing an SSM field leaves it alone."""
     cfg = main.to_spec(compose_config(["task=train", "train=tiny", f"train.out_dir={tmp_path}"], shrink=False)).train
     keys = train_mod.run_keys(cfg, "corpus", "tok")
     cfg.target.d_state = 64
     assert train_mod.run_keys(cfg, "corpus", "tok") == keys
-    old = {k: getattr(cfg.target, k) for k in train_mod.LLAMA_ARCH_KEYS}  # the pre-SSM ArchConfig, field by field
+    old = {k: getattr(cfg.target, k) for k in train_mod.LLAMA_ARCH_KEYS}  # the pre-SSM architecture, field by field
     assert train_mod._arch_key(train_mod.config_dict(cfg)["target"]) == old
