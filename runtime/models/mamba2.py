@@ -314,7 +314,7 @@ class Mamba2LMModel(nn.Module):
                         num_scratch or min(capacity, DEFAULT_NUM_SCRATCH), kv, dtype=dtype, device=device)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache: SSMCache | None = None,
-                block: StepBlock | None = None, num_logits: int | None = None) -> Tensor:
+                block: StepBlock | int | None = None, num_logits: int | None = None) -> Tensor:
         """Logits for a block of T new tokens per row (for its last `num_logits` tokens only, when given):
         `logits(hidden(...))`."""
         return self.logits(self.hidden(input_ids, position_ids, cache, block, num_logits))
@@ -324,11 +324,12 @@ class Mamba2LMModel(nn.Module):
         return self.lm_head(h).float()
 
     def hidden(self, input_ids: Tensor, position_ids: Tensor, cache: SSMCache | None = None,
-               block: StepBlock | None = None, num_rows: int | None = None) -> Tensor:
+               block: StepBlock | int | None = None, num_rows: int | None = None) -> Tensor:
         """Final (normed) hidden states of a block of T new tokens per row, for its last `num_rows` only when given.
 
         With a `cache`, `block` (runtime.batch.Block) says where each row's tokens go and what they continue
-        from (see the module docstring). With `cache=None` (training) the block is a causal text from an empty
+        from (see the module docstring); an int `block` is `Block.causal(block, T, B)`: every row continues
+        its text from that slot. With `cache=None` (training) the block is a causal text from an empty
         prefix (zero SSM state and conv window; attention causal within the block), nothing is stored, and
         the path is differentiable. It equals a cached prefill of the same block.
         """
@@ -336,9 +337,12 @@ class Mamba2LMModel(nn.Module):
         c = self.config
         B, T = input_ids.shape
         if cache is None:
-            assert block is None, "cache=None runs one causal block from slot 0; no Block"
-            plan = attn_add = None
+            assert block is None or (isinstance(block, int) and block == 0), \
+                "cache=None runs one causal block from slot 0"
+            block = plan = attn_add = None
         else:
+            if isinstance(block, int):  # a causal continuation of every row from slot `block` (prefill, one token)
+                block = StepBlock.causal(block, T, B, device=input_ids.device)
             assert block is not None and block.slots.shape == (B, T), "a cached forward needs its Block"
             assert block.S <= cache.capacity, f"KV window {block.S} exceeds cache capacity {cache.capacity}"
             assert cache.rows == B, (cache.rows, B)

@@ -150,7 +150,7 @@ def test_prefill_equals_steps_equals_chunks(kind):
         step_cache = model.new_cache(2, 64)
         steps = torch.cat([step(model, ids[:, t:t + 1], step_cache, t) for t in range(13)], dim=1)
         split_cache = model.new_cache(2, 64)
-        split = torch.cat([model(ids[:, a:b], pos[:, a:b], split_cache, Block.causal(a, b - a, 2))
+        split = torch.cat([model(ids[:, a:b], pos[:, a:b], split_cache, a)  # an int: Block.causal(a, b - a, 2)
                            for a, b in ((0, 5), (5, 6), (6, 13))], 1)
     for logits, cache in ((steps, step_cache), (split, split_cache), (wide_logits, wide_cache)):
         torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
