@@ -146,7 +146,7 @@ class SSMCache:
         # conv windows: entry r (oldest first) of node t is its k-th newest path input, k = W-1-r: the in-block
         # ancestor at depth depth_t - k when that is >= 0, else entry k - depth_t from the end of the window
         # its root read (R' windows of W-1 entries, then the block's T inputs)
-        W, W1 = self.d_conv, self.d_conv - 1
+        W1 = self.d_conv - 1
         init_index = root if scratch_roots else torch.zeros_like(root)  # [B, T]
         R_read = T if scratch_roots else 1
         need = depth[..., None] - torch.arange(W1, -1, -1, device=slots.device)  # [B, T, W] depth of entry r

@@ -58,7 +58,8 @@ def assert_row_state(cache, b, fresh, L, exact=False):
     """Row b of `cache` (committed length L) against row 0 of `fresh`: SSM state, conv window, KV prefix."""
     pairs = [(cache.ssm[:, b], fresh.ssm[:, 0]), (cache.conv[:, b], fresh.conv[:, 0])]
     if fresh.kv is not None:
-        pairs += [(cache.kv.k[:, b, :, :L], fresh.kv.k[:, 0, :, :L]), (cache.kv.v[:, b, :, :L], fresh.kv.v[:, 0, :, :L])]
+        pairs += [(cache.kv.k[:, b, :, :L], fresh.kv.k[:, 0, :, :L]),
+                  (cache.kv.v[:, b, :, :L], fresh.kv.v[:, 0, :, :L])]
     for got, want in pairs:
         if exact:
             assert torch.equal(got, want)
