@@ -183,9 +183,10 @@ class Fp16WeightLinear(nn.Linear):
 
 class LayerNormRMSNorm(RMSNorm):
     """RMSNorm whose CPU fp32 inference is LayerNorm([x, -x]) * [w, w], first half: [x, -x] has mean 0 and
-    variance mean(x^2), so this is the same map to fp32 rounding. Why: on CPU F.rms_norm is a composite of
-    about six dispatched ops and layer_norm one native kernel, and decoding runs 2 * layers + 1 norms per
-    token. One group only; the gate (Mamba2's mixer norm) is applied first, as in RMSNorm."""
+    variance mean(x^2), so this is the same map to fp32 rounding. layer_norm is one native kernel where
+    F.rms_norm was a composite of several ops; torch 2.13 fuses rms_norm and the two measure alike, so this
+    transform is off by default (benchmarks/cpu/transforms_bench.md). One group only; the gate (Mamba2's
+    mixer norm) is applied first, as in RMSNorm."""
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
         # x, gate: [..., E] -> [..., E]

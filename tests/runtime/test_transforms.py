@@ -347,3 +347,20 @@ def test_transforms_are_off_and_warn_on_cuda(compose):
     with pytest.warns(IneffectiveSettingWarning, match="backend.cpu_transforms.fp16_weight_gemm"):
         plan = plan_on(compose(["backend.cpu_transforms.fp16_weight_gemm=true"]), cuda_device="GPU sm90")
     assert plan.cpu_transforms == CpuTransforms()
+
+
+def test_runtime_records_the_transforms_of_both_models(compose):
+    """load() transforms the target and the drafter (random fp32 weights: GEMV heads and LayerNorm norms when
+    on) and keeps the reports; a plan with them off leaves the models plain."""
+    from runtime.load import load
+    on = load(plan_on(compose(["backend.device=cpu", "backend.cpu_transforms.gemv_head=true",
+                               "backend.cpu_transforms.rmsnorm_layernorm=true"])))
+    assert set(on.transforms) == {"target", "drafter"}
+    for name, model in (("target", on.target), ("drafter", on.drafter.model)):
+        r = on.transforms[name].modules
+        assert r["gemv_head"] == ["output"] and type(model.output) is GemvHead
+        assert len(r["rmsnorm_layernorm"]) == 2 * model.config.num_layers + 1
+    off = load(plan_on(compose(["backend.device=cpu", "backend.cpu_transforms.gemv_head=false",
+                                "backend.cpu_transforms.rmsnorm_layernorm=false"])))
+    assert all(not names for r in off.transforms.values() for names in r.modules.values())
+    assert type(off.target.output) is LMHead
