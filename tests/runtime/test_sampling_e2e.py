@@ -10,7 +10,8 @@ import torch
 from scipy.stats import chi2
 
 from runtime.decode import SamplingParams, decode
-from runtime.drafters import ModelDrafter, PromptLookupDrafter
+from runtime.drafters import ModelDrafter
+from runtime.lookup import PromptLookupDrafter
 from runtime.models.llama import LlamaConfig, init_random, perturbed_copy
 from runtime.sampling import AcceptanceRule, ChildKind, target_probs
 from spec_compiler.tree import TreeTopology
@@ -55,7 +56,7 @@ def test_two_token_joint_matches_target(models, case):
     target, draft = models
     topo, kind, sp = CASES[case]
     if case == "prompt_lookup":
-        drafter = PromptLookupDrafter(topo, 1, 2, 4)
+        drafter = PromptLookupDrafter(topo, 1, 2, 4, rows=1)
     else:
         drafter = ModelDrafter(draft, topo, 16 + topo.n, kind, 0.9, V)
     cache = target.new_cache(1, 16 + topo.n)
