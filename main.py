@@ -59,7 +59,7 @@ def run(cfg: Union[DictConfig, SpecConfig]) -> dict:
         from training.train import run_train
         return run_train(spec.train, command=" ".join(hydra_overrides()))
     plan = make_plan(validate(spec, host()))
-    rt = load(plan)
+    rt = load(plan, spec.task.batch_size)
     out = output_dir(spec)
     task = run_bench if spec.task.kind is TaskKind.bench else run_generate
     result = task(rt, spec, out)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from spec_compiler.schema import DrafterKind, ModelConfig, ModelSource
+from spec_compiler.tree import tree_buckets
 from spec_compiler.validate import Resolved, resolve_path
 
 PLAN_VERSION = 1
@@ -85,6 +86,10 @@ class Plan:
     max_seq_len: int
     cache_capacity: int
     """KV slots: max_seq_len plus one tree's worth of scratch slots."""
+    kv_window: str = "live"
+    """Attention window per forward: live | full (runtime.decode)."""
+    tree_buckets: tuple[int, ...] = (1,)
+    """Tree sizes a verify forward is padded to (powers of two below the tree size, and the size)."""
     vocab_trim: Optional[VocabTrimPlan] = None
     """The drafter's LM head is trimmed (VocabTrim); None = full head."""
     cpu_transforms: CpuTransforms = CpuTransforms()
@@ -186,6 +191,8 @@ def make_plan(resolved: Resolved) -> Plan:
         device=resolved.device,
         max_seq_len=cfg.target.max_seq_len,
         cache_capacity=cfg.target.max_seq_len + topo.n,
+        kv_window=cfg.backend.kv_window.value,
+        tree_buckets=tree_buckets(topo.n),
         vocab_trim=_vocab_trim_plan(resolved),
         cpu_transforms=_cpu_transforms(resolved, resolved.device),
         environment=environment(resolved.device_name),

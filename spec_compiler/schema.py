@@ -81,6 +81,13 @@ class Device(str, enum.Enum):
     cuda = "cuda"
 
 
+class KVWindow(str, enum.Enum):
+    live = "live"
+    """Attend over the cache up to the longest live row (fastest in CPU eager; the shape changes each step)."""
+    full = "full"
+    """Attend over the whole cache capacity: fixed shapes per (batch, tree) bucket, for compiled phases."""
+
+
 class BackendKind(str, enum.Enum):
     eager = "eager"
     """Plain torch on CPU or GPU; the reference backend."""
@@ -338,6 +345,8 @@ class BackendConfig:
     """auto = cuda when available, else cpu."""
     cpu_transforms: CpuTransformsConfig = field(default_factory=CpuTransformsConfig)
     """Load-time CPU fast paths (ignored, with a warning when set, on cuda)."""
+    kv_window: KVWindow = KVWindow.live
+    """Attention window per forward: live (measured faster in CPU eager) or full (static shapes)."""
 
 
 @dataclass
@@ -356,6 +365,10 @@ class TaskConfig:
     """bench: timed runs of every prompt per method (interleaved); speeds are averaged over all of them."""
     default_prompts: Optional[str] = None
     """Spec-Bench-format prompt file used when neither `prompt` nor `prompts` is set (None = one built-in prompt)."""
+    batch_size: int = 1
+    """Requests decoded together (cache rows); a finished request's row goes to the next prompt."""
+    batch_sizes: list[int] = field(default_factory=list)
+    """bench: every batch size to measure in one run, side by side (empty = [batch_size])."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -366,6 +379,11 @@ class TaskConfig:
             raise ConfigError("task.warmup", "must be >= 0", self.warmup)
         if self.repeats < 1:
             raise ConfigError("task.repeats", "must be >= 1", self.repeats)
+        if self.batch_size < 1:
+            raise ConfigError("task.batch_size", "must be >= 1", self.batch_size)
+        for i, b in enumerate(self.batch_sizes):
+            if b < 1:
+                raise ConfigError(f"task.batch_sizes[{i}]", "must be >= 1", b)
 
 
 def _target_arch() -> ModelArch:
