@@ -4,6 +4,7 @@ Nothing here reads the user config; everything comes from the frozen `Plan`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -83,14 +84,13 @@ class Runtime:
 
     def with_drafter(self, drafter) -> "Runtime":
         """The same target and cache with another drafter (bench runs the baseline this way)."""
-        return Runtime(self.plan, self.target, self.cache, drafter, self.tokenizer, self.eos_ids, self.sampling)
+        return dataclasses.replace(self, drafter=drafter)
 
     def with_batch_size(self, rows: int) -> "Runtime":
         """The same models with caches for `rows` requests decoded together."""
         if rows == self.batch_size:
             return self
-        return Runtime(self.plan, self.target, new_cache(self.target, self.plan, rows), self.drafter.with_rows(rows),
-                       self.tokenizer, self.eos_ids, self.sampling)
+        return dataclasses.replace(self, cache=new_cache(self.target, self.plan, rows), drafter=self.drafter.with_rows(rows))
 
 
 def new_cache(model, plan: Plan, rows: int = 1):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from runtime.batch import TreeBatch
-from spec_compiler.tree import Provenance, TreeTopology
+from spec_compiler.tree import Provenance, TreeTopology, tree_buckets
 
 _MAX_CACHED_TOPOLOGIES = 4096
 
@@ -46,11 +46,8 @@ class PromptLookupDrafter:
         self.depth = min(topology.max_depth, num_pred_tokens)
         self.width = len(topology.children[0])  # chain: 1 continuation; static: up to branching[0]
         self.budget = topology.n
-        buckets, b = [], 1
-        while b < topology.n:
-            buckets.append(b)
-            b *= 2
-        self.buckets: tuple[int, ...] = (*buckets, topology.n)
+        self.topology, self.num_pred = topology, num_pred_tokens
+        self.buckets: tuple[int, ...] = tree_buckets(topology.n)
         """TreeBatch sizes: powers of two below the plan topology's n, then n."""
         self.rows: list[_Row | None] = [None] * rows
         self._topologies: dict[tuple[int, ...], TreeTopology] = {}  # one object per shape: its tensors are cached
@@ -65,6 +62,10 @@ class PromptLookupDrafter:
         """The request on row src now lives on row dst (dst's old state is dropped)."""
         if src != dst:
             self.rows[dst], self.rows[src] = self.rows[src], None
+
+    def with_rows(self, rows: int) -> "PromptLookupDrafter":
+        """The same settings for `rows` cache rows (no request state)."""
+        return PromptLookupDrafter(self.topology, self.min_n, self.max_n, self.num_pred, rows)
 
     # ---- drafting --------------------------------------------------------------------------------------
     def propose(self, rows: Sequence, max_depth: Sequence[int]) -> TreeBatch:

@@ -16,12 +16,13 @@ H query heads, Hkv key/value heads, D head dim, V vocab.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from runtime.models.init import init_random_weights, perturbed_copy  # noqa: F401  (perturbed_copy: re-exported)
 
 from runtime import batch as fwd  # fwd.Block: one forward's slots and mask (not the decoder Block below)
 from runtime.models.norm import RMSNorm
@@ -285,31 +286,7 @@ class LlamaModel(nn.Module):
         return self.norm(last_rows(x, num_rows))
 
 
-@torch.no_grad()
 def init_random(config: LlamaConfig, seed: int) -> LlamaModel:
-    """Deterministic random weights (fp32, CPU) whose greedy output depends on the context."""
-    g = torch.Generator().manual_seed(seed)
+    """Deterministic random weights (fp32, CPU) whose greedy output depends on the context (runtime.models.init)."""
     model = LlamaModel(config)
-    emb = model.tok_embeddings.weight
-    for name, p in model.named_parameters():
-        if p is emb:
-            # Tied or not, hidden**-0.25 keeps both the residual stream and the logits O(1)-ish.
-            p.copy_(torch.randn(p.shape, generator=g) * config.hidden_size ** -0.25)
-        elif name.endswith("norm.weight"):
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-        elif name.endswith("bias"):
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-    return model
-
-
-@torch.no_grad()
-def perturbed_copy(model: LlamaModel, noise_std: float, seed: int) -> LlamaModel:
-    """A copy with Gaussian noise of `noise_std` times each tensor's own std added to every weight."""
-    g = torch.Generator().manual_seed(seed)
-    out = copy.deepcopy(model)
-    for p in out.parameters():
-        noise = torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype)
-        p.add_(noise * (noise_std * p.float().std()).to(p.dtype))
-    return out
+    return init_random_weights(model, model.tok_embeddings.weight, config.hidden_size, seed)

@@ -32,12 +32,13 @@ N state size, Cd conv channels, W d_conv, R states the block roots continue from
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from runtime.models.init import init_random_weights, perturbed_copy  # noqa: F401  (perturbed_copy: re-exported)
 
 from codegen.ssm_tree_scan import ssm_tree_scan, ssm_tree_scan_ref
 from runtime.batch import Block as StepBlock  # one forward's tokens (the nn.Module `Block` is mamba-ssm's)
@@ -378,42 +379,7 @@ class Mamba2LMModel(nn.Module):
         return self.backbone.norm_f(last_rows(x, num_rows).to(dtype))
 
 
-@torch.no_grad()
 def init_random_mamba2(config: Mamba2Config, seed: int) -> Mamba2LMModel:
-    """Deterministic random weights (fp32, CPU) whose greedy output depends on the context."""
-    g = torch.Generator().manual_seed(seed)
+    """Deterministic random weights (fp32, CPU) whose greedy output depends on the context (runtime.models.init)."""
     model = Mamba2LMModel(config)
-    emb = model.backbone.embedding.weight
-
-    def uniform(shape, lo, hi):
-        return lo + (hi - lo) * torch.rand(shape, generator=g)
-
-    for name, p in model.named_parameters():
-        if p is emb:
-            p.copy_(torch.randn(p.shape, generator=g) * config.d_model ** -0.25)
-        elif name.endswith("A_log"):
-            p.copy_(torch.log(uniform(p.shape, 1.0, 16.0)))  # A in [-16, -1], mamba-ssm's A_init_range
-        elif name.endswith("dt_bias"):
-            dt = torch.exp(uniform(p.shape, math.log(1e-3), math.log(1e-1)))  # mamba-ssm's dt_min, dt_max
-            p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        elif name.endswith("mixer.D"):
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-        elif name.endswith("norm.weight") or name.endswith("norm2.weight") or name.endswith("norm_f.weight"):
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-        elif name.endswith("bias"):
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        else:  # linear and conv weights: unit gain over the fan-in
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-    return model
-
-
-@torch.no_grad()
-def perturbed_copy(model: Mamba2LMModel, noise_std: float, seed: int) -> Mamba2LMModel:
-    """A copy with Gaussian noise of `noise_std` times each tensor's own spread added to every weight."""
-    g = torch.Generator().manual_seed(seed)
-    out = copy.deepcopy(model)
-    for p in out.parameters():
-        spread = p.float().std() if p.numel() > 1 else p.float().abs().max()
-        noise = torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype)
-        p.add_(noise * (noise_std * spread).to(p.dtype))
-    return out
+    return init_random_weights(model, model.backbone.embedding.weight, config.d_model, seed)
