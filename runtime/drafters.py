@@ -108,21 +108,17 @@ class ModelDrafter:
         news = [r.tokens[self.cached[r.slot]:] for r in rows]
         cached = [self.cached[r.slot] for r in rows]
         view = self.cache.view_rows(0, B)
-        if B == 1:  # one causal block (prefill-style: the cache advances as it goes)
-            n = len(news[0])
-            block = Block.causal(cached[0], n, 1, self._kv_len(cached[0] + n), device=self.device)
-            h = self.model.hidden(torch.tensor(news, device=self.device), block.positions, view, block, num_rows=1)
-            logits = self.model.logits(h[:, 0])
-        else:  # rows of different lengths: chains padded to the longest, committed up to each row's root
-            topos = [TreeTopology.chain(len(x) - 1) for x in news]
-            T = max(len(x) for x in news)
-            provs = [[Provenance.root] + [Provenance.topk] * (len(x) - 1) for x in news]
-            chains = TreeBatch.build(topos, news, provs, T)
-            block = Block.tree(torch.tensor(cached), chains, self._kv_len(max(cached) + T), device=self.device)
-            h = self.model.hidden(chains.tokens.to(self.device), block.positions, view, block)  # [B, T, E]
-            last = torch.tensor([len(x) - 1 for x in news], device=self.device)
-            logits = self.model.logits(h[torch.arange(B, device=self.device), last])
-            self.cache.commit(cached, [list(range(len(x))) for x in news])
+        # Chains padded to the longest, committed up to each row's root. Batch 1 takes the same path (not a
+        # causal block, whose SSM scan is another algorithm), so a row drafts the same alone and in a batch.
+        topos = [TreeTopology.chain(len(x) - 1) for x in news]
+        T = max(len(x) for x in news)
+        provs = [[Provenance.root] + [Provenance.topk] * (len(x) - 1) for x in news]
+        chains = TreeBatch.build(topos, news, provs, T)
+        block = Block.tree(torch.tensor(cached), chains, self._kv_len(max(cached) + T), device=self.device)
+        h = self.model.hidden(chains.tokens.to(self.device), block.positions, view, block)  # [B, T, E]
+        last = torch.tensor([len(x) - 1 for x in news], device=self.device)
+        logits = self.model.logits(h[torch.arange(B, device=self.device), last])
+        self.cache.commit(cached, [list(range(len(x))) for x in news])
         for r in rows:
             self.cached[r.slot] = len(r.tokens)
         return logits  # [B, Vd]
@@ -157,6 +153,8 @@ class ModelDrafter:
                 top = torch.topk(logits, width, dim=-1).indices.cpu()  # [B, m, width] columns
                 top = (top if self.s2t is None else self.s2t[top]).tolist()  # token ids
             for b in range(B):
+                if d >= max_depth[b]:
+                    continue  # row b's tree ends above: draw nothing for it (its sampler stays where it would alone)
                 for j, node in enumerate(level):
                     kids = topo.children[node]
                     if not kids or not keep[b][node]:

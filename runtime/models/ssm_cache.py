@@ -189,12 +189,14 @@ class SSMCache:
     def commit(self, lengths: list[int], paths: list[list[int]]) -> None:
         """Keep each row's accepted path (node offsets of the tree forward, ascending from 0, as in
         `KVCache.commit`): the state after its last node becomes committed (its scratch entry holds the whole
-        path's state and conv window); the attention layers' KV is compacted. L_b grows by len(paths[b])."""
-        assert len(paths) == len(lengths) == self.rows, (len(paths), len(lengths), self.rows)
-        rows = torch.arange(self.rows, device=self.ssm.device)
+        path's state and conv window); the attention layers' KV is compacted. L_b grows by len(paths[b]).
+        paths may cover the first B <= rows rows only."""
+        B = len(paths)  # rows 0..B-1 (the engine's active rows come first)
+        assert len(lengths) == B <= self.rows, (len(paths), len(lengths), self.rows)
+        rows = torch.arange(B, device=self.ssm.device)
         last = torch.tensor([p[-1] for p in paths], device=self.ssm.device)
-        self.ssm.copy_(self.scratch_ssm[:, rows, last])
-        self.conv.copy_(self.scratch_conv[:, rows, last])
+        self.ssm[:, :B] = self.scratch_ssm[:, rows, last]
+        self.conv[:, :B] = self.scratch_conv[:, rows, last]
         if self.kv is not None:
             self.kv.commit(lengths, paths)
 
