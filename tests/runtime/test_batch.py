@@ -161,7 +161,9 @@ def test_every_row_cache_equals_fresh_prefill_after_every_step(target, kind):
         checked.append(len(state.path))
 
     run(model, kind, TREES["static21"], requests([SamplingParams()] * 5), rows=3, on_step=check)
-    assert len(checked) > 10 and max(checked) > 1  # drafts were accepted, so commits moved entries
+    assert len(checked) > 10
+    if kind == "noisy_copy":
+        assert max(checked) > 1  # drafts were accepted, so commits moved entries
 
 
 def test_verify_shapes_are_static_within_a_bucket(target):

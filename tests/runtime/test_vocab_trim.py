@@ -4,6 +4,7 @@ when stale or corrupt). Exact-enumeration losslessness is in test_verifier_exact
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from runtime.decode import decode
 from runtime.drafters import ModelDrafter
 from runtime.models import mamba2
 from runtime.models.llama import LlamaConfig, init_random, perturbed_copy, trim_lm_head
-from runtime.sampling import ChildKind
+from runtime.sampling import ChildKind, TorchDraftSampler
 from spec_compiler.errors import CheckpointError, ConfigError
 from spec_compiler.plan import make_plan
 from spec_compiler.tree import TreeTopology
@@ -71,14 +72,17 @@ def test_drafts_and_proposals_stay_inside_the_kept_ids(kind):
     s2t = torch.tensor(sorted(torch.randperm(53, generator=torch.Generator().manual_seed(1))[:12].tolist()))
     topo = TreeTopology.static([3, 2])
     d = _drafter(target, topo, kind, s2t)
-    g = torch.Generator().manual_seed(0)
+    row = SimpleNamespace(tokens=list(range(10)), slot=0, sampler=TorchDraftSampler(torch.Generator().manual_seed(0)))
+    d.start(0, row.tokens)
     for step in range(3):
-        tree = d.propose(list(range(10 + step)), 5, g)
-        assert set(tree.tokens[1:]) <= set(s2t.tolist())
+        row.tokens = list(range(10 + step))
+        tree = d.propose([row], [5])
+        assert tree.topologies[0].n == topo.n
+        assert set(tree.row_tokens(0)[1:]) <= set(s2t.tolist())
         if kind is ChildKind.deterministic:
             assert tree.draft_probs is None
             continue
-        p = tree.draft_probs[0]
+        p = tree.draft_probs[0, 0]
         assert abs(float(p.sum()) - 1.0) < 1e-12
         outside = torch.ones(53, dtype=torch.bool)
         outside[s2t] = False
