@@ -72,20 +72,22 @@ def to_spec(cfg: Union[DictConfig, SpecConfig]) -> SpecConfig:
         raise
 
 
-def output_dir(spec: SpecConfig) -> Optional[Path]:
+def output_dir(spec: SpecConfig, in_run: bool = True) -> Optional[Path]:
     """task.output_dir resolved against Hydra's run directory (None: relative, and no run started yet)."""
     out = Path(os.path.expanduser(spec.task.output_dir))
     if out.is_absolute():
         return out
     from hydra.core.hydra_config import HydraConfig
+    if not in_run:
+        return None
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir) / out
-    return None
+    return out  # outside a Hydra run (tests calling run() directly): relative to the working directory
 
 
-def prepare(cfg: Union[DictConfig, SpecConfig]):
-    """Everything short of loading models: (spec, plan, job); job is None for task=train, or when the output
-    directory is relative and no run directory exists yet (cli's check before the run)."""
+def prepare(cfg: Union[DictConfig, SpecConfig], in_run: bool = True):
+    """Everything short of loading models: (spec, plan, job); job is None for task=train. in_run=False (cli's
+    check before Hydra starts): a relative task.output_dir is not checked, its run folder does not exist yet."""
     from runtime.tasks import prepare as prepare_job
     from spec_compiler.plan import make_plan
     from spec_compiler.validate import validate
@@ -95,8 +97,7 @@ def prepare(cfg: Union[DictConfig, SpecConfig]):
         return spec, None, None
     resolved = validate(spec)
     spec, plan = resolved.cfg, make_plan(resolved)
-    out = output_dir(spec)
-    return spec, plan, None if out is None else prepare_job(spec, plan, out)
+    return spec, plan, prepare_job(spec, plan, output_dir(spec, in_run))
 
 
 def run(cfg: Union[DictConfig, SpecConfig]) -> dict:
@@ -107,9 +108,6 @@ def run(cfg: Union[DictConfig, SpecConfig]) -> dict:
     if spec.task.kind is TaskKind.train:
         from training.train import run_train
         return run_train(spec.train, command=" ".join(hydra_overrides()))
-    if job is None:  # relative output_dir outside a Hydra run (tests calling run() directly)
-        from runtime.tasks import prepare as prepare_job
-        job = prepare_job(spec, plan, Path(spec.task.output_dir))
     from runtime.load import load
     rt = load(plan)
     task = run_bench if spec.task.kind is TaskKind.bench else run_generate
@@ -139,6 +137,8 @@ def report(e: BaseException) -> int:
         keep = [ln for ln in lines if ln and not ln.startswith(("full_key:", "object_type", "reference_type",
                                                                    "To append to your config", "Set the environment"))]
         msg = "; ".join(dict.fromkeys(keep)).replace(":; ", ": ")
+        if isinstance(e, OverrideParseException) and e.override not in msg:
+            msg = f"override {e.override!r}: {msg}"
         print(f"error: {msg}"[:600], file=sys.stderr)
         if isinstance(e, OverrideParseException):
             print("(quote a value with spaces or ( ) [ ] { } , = : for Hydra: python main.py 'prompt=\"def f(x):\"', "
@@ -172,7 +172,7 @@ def precheck(argv: list[str]) -> None:
             cfg = compose(config_name="config", overrides=job)
         if args.cfg:
             continue  # printing the config only needs it to compose
-        prepare(cfg)
+        prepare(cfg, in_run=False)
     _PRECHECKED = True
 
 

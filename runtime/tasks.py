@@ -98,12 +98,14 @@ class Job:
     """generate with task.resume: question ids the answers file already holds."""
 
 
-def prepare(cfg: SpecConfig, plan: Plan, out: Path, output_key: str = "task.output_dir") -> Job:
-    """Every check that needs no model: questions, prompt lengths, the output directory, the answers file."""
+def prepare(cfg: SpecConfig, plan: Plan, out: Optional[Path]) -> Job:
+    """Every check that needs no model: questions, prompt lengths, the output directory, the answers file
+    (out=None: a run folder still to be made, so the last two are left to the run)."""
     qs = read_questions(cfg)
     _check_prompt_lengths(qs, plan, cfg)
-    check_output_dir(out, output_key, cfg.task.output_dir)
-    if cfg.task.kind is not TaskKind.generate:
+    if out is not None:
+        check_output_dir(out, "task.output_dir", cfg.task.output_dir)
+    if cfg.task.kind is not TaskKind.generate or out is None:
         return Job(qs, out)
     answers = out / f"answers-{plan.readable_name}.jsonl"
     return Job(qs, out, answers, frozenset(answered(answers, cfg.task.resume)))
