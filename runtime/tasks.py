@@ -6,32 +6,128 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import statistics
+import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from hydra.experimental.callback import Callback
+from tqdm import tqdm
 
 from runtime.decode import DecodeResult, per_position_acceptance
 from runtime.drafters import NoDrafter
 from runtime.load import Runtime
-from spec_compiler.errors import InputError
-from spec_compiler.prompts import Question, read_question_file
-from spec_compiler.schema import DEFAULT_PROMPT, SpecConfig
+from spec_compiler.errors import ConfigError, InputError
+from spec_compiler.plan import Plan
+from spec_compiler.prompts import Question, read_question_file, read_text
+from spec_compiler.schema import DEFAULT_PROMPT, SpecConfig, TaskKind
+from spec_compiler.validate import IneffectiveSettingWarning, resolve_path
 
 
 def read_questions(cfg: SpecConfig) -> list[Question]:
-    file = cfg.prompts if cfg.prompts is not None or cfg.prompt is not None else cfg.task.default_prompts
-    key = "prompts" if cfg.prompts is not None else "task.default_prompts"
-    if file is None:
-        qs = [Question(0, "cli" if cfg.prompt is not None else "default",
-                       (cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPT,))]
+    """The run's questions: `prompt`, `prompt_file` (one prompt, the whole file), `prompts` or the task's default."""
+    if cfg.prompt is not None:
+        qs = [Question(0, "cli", (cfg.prompt,))]
+    elif cfg.prompt_file is not None:
+        qs = [Question(0, "file", (read_text(cfg.prompt_file, "prompt_file"),))]
+        if not qs[0].turns[0].strip():
+            raise ConfigError("prompt_file", f"{resolve_path(cfg.prompt_file)}: the file is empty", cfg.prompt_file)
+    elif cfg.prompts is not None:
+        qs = read_question_file(cfg.prompts, "prompts")
+    elif cfg.task.default_prompts is not None:
+        qs = read_question_file(cfg.task.default_prompts, "task.default_prompts")
     else:
-        qs = read_question_file(file, key)
+        qs = [Question(0, "default", (DEFAULT_PROMPT,))]
     if cfg.task.num_prompts > 0:
         qs = qs[:cfg.task.num_prompts]
     return qs
+
+
+@dataclass
+class Job:
+    """What a task needs, checked before any model is loaded."""
+
+    questions: list[Question]
+    out: Path
+    answers: Optional[Path] = None
+    """generate: the answers jsonl (appended to, one flushed row per question)."""
+    done: frozenset = frozenset()
+    """generate with task.resume: question ids the answers file already holds."""
+
+
+def prepare(cfg: SpecConfig, plan: Plan, out: Optional[Path]) -> Job:
+    """Every check that needs no model: questions, prompt lengths, the output directory, the answers file
+    (out=None: a run folder still to be made, so the last two are left to the run)."""
+    qs = read_questions(cfg)
+    _check_prompt_lengths(qs, plan, cfg)
+    if out is not None:
+        check_output_dir(out, "task.output_dir", cfg.task.output_dir)
+    if cfg.task.kind is not TaskKind.generate or out is None:
+        return Job(qs, out)
+    answers = out / f"answers-{plan.readable_name}.jsonl"
+    return Job(qs, out, answers, frozenset(answered(answers, cfg.task.resume)))
+
+
+def _check_prompt_lengths(qs: list[Question], plan: Plan, cfg: SpecConfig) -> None:
+    from spec_compiler.tokenizer import get_tokenizer
+    tok, limit, new = get_tokenizer(plan.tokenizer), plan.max_seq_len, cfg.task.max_new_tokens
+    short = 0
+    for q in qs:
+        n = len(tok.encode(q.turns[0]).ids)
+        if n == 0:
+            raise InputError(f"question {q.question_id}", "the prompt is empty after tokenization")
+        if n >= limit:
+            raise InputError(f"question {q.question_id}", f"the prompt's {n} tokens do not fit the context "
+                             f"(target.max_seq_len={limit} leaves no room to generate)")
+        short += n + new > limit
+    if short and new < limit:
+        warnings.warn(f"task.max_new_tokens: {short} of {len(qs)} prompts leave fewer than {new} tokens of "
+                      f"context (target.max_seq_len={limit}); their answers stop at the context limit",
+                      IneffectiveSettingWarning, stacklevel=2)
+
+
+def check_output_dir(out: Path, key: str, value) -> None:
+    """`out` can be created (or is a directory) and written; nothing is created here."""
+    p = out.resolve()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(key, f"{p} is a file, not a directory, so {out} cannot be created", value)
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"{p} is not writable", value)
+
+
+def answered(answers: Path, resume: bool) -> set:
+    """Question ids already in `answers`; an existing, non-empty file is only reused with task.resume=true."""
+    if not answers.is_file() or answers.stat().st_size == 0:
+        return set()
+    text = answers.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if not resume:
+        raise ConfigError("task.resume", f"{answers} already holds {len(lines)} answers; not overwriting it: "
+                          "task.resume=true continues it, or choose another task.output_dir", False)
+    done = set()
+    for n, line in enumerate(lines, start=1):
+        try:
+            done.add(json.loads(line)["question_id"])
+        except (ValueError, KeyError, TypeError):
+            if n == len(lines) and not text.endswith("\n"):  # a row cut off mid-write: drop it, redo the question
+                answers.write_text("".join(x + "\n" for x in lines[:-1]), encoding="utf-8")
+                break
+            raise ConfigError("task.resume", f"{answers}:{n}: not an answer row; cannot resume from it", True) from None
+    return done
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a task, with the one line main.py prints (what was kept)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
 
 
 def answer(rt: Runtime, q: Question, max_new_tokens: int, seed: int) -> tuple[list[str], list[DecodeResult]]:
@@ -113,51 +209,111 @@ SUMMARY_COLS = [("method", "method"), ("new tokens", "new_tokens"), ("steps", "s
                 ("other s", "other_time"), ("accept/pos", "per_position_acceptance")]
 
 
-def run_generate(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    qs = read_questions(cfg)
-    results, rows = [], []
+def show_completion(prompt: str, completion: str) -> None:
+    print(f"{' prompt ':-^72}\n{prompt}")
+    print(f"{' completion ':-^72}\n{completion}\n{'':-^72}\n")
+
+
+class Progress:
+    """tqdm over questions (or runs) on stderr, showing generated tokens/s."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = tqdm(total=total, desc=desc, unit="q" if desc == "generate" else "run", file=sys.stderr,
+                        dynamic_ncols=True)
+        self.tokens, self.seconds = 0, 0.0
+
+    def update(self, results: list[DecodeResult]) -> None:
+        self.tokens += sum(len(r.output_ids) for r in results)
+        self.seconds += sum(r.wall_time for r in results)
+        self.bar.set_postfix_str(f"{self.tokens / max(self.seconds, 1e-9):.0f} tok/s", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_generate(rt: Runtime, cfg: SpecConfig, job: Job) -> dict:
+    """Answers appended to the jsonl and flushed one question at a time (as each batch of questions finishes),
+    so an interruption keeps them."""
+    todo = [q for q in job.questions if q.question_id not in job.done]
+    job.out.mkdir(parents=True, exist_ok=True)
+    mode = "a" if job.done else "x"  # "x": two runs never write one answers file
+    if mode == "x" and job.answers.is_file() and job.answers.stat().st_size == 0:
+        job.answers.unlink()  # an empty file left by an earlier run that answered nothing
+    try:
+        f = job.answers.open(mode, encoding="utf-8")
+    except FileExistsError:
+        raise ConfigError("task.output_dir", f"{job.answers} was created by another run meanwhile; not "
+                          "overwriting it", cfg.task.output_dir) from None
+    results, rows, written = [], [], 0
+    progress = Progress(len(todo), "generate")
     step = rt.batch_size
-    for lo in range(0, len(qs), step):  # a batch of questions at a time
-        chunk = qs[lo:lo + step]
-        for q, (texts, rs) in zip(chunk, answer_batch(rt, chunk, cfg.task.max_new_tokens, cfg.sampling.seed)):
-            rows.append(_answer_row(rt, q, texts, rs))
-            results += rs
-    answers = out / f"answers-{rt.plan.readable_name}.jsonl"
-    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        for lo in range(0, len(todo), step):  # task.batch_size questions decoded together
+            chunk = todo[lo:lo + step]
+            for q, (texts, rs) in zip(chunk, answer_batch(rt, chunk, cfg.task.max_new_tokens, cfg.sampling.seed)):
+                row = _answer_row(rt, q, texts, rs)
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                written += 1
+                rows.append(row)
+                results += rs
+                progress.update(rs)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {len(job.done) + written} of {len(job.questions)} answers kept in "
+                          f"{job.answers} (task.resume=true continues)") from None
+    finally:
+        progress.close()
+        f.close()
+        if written == 0 and not job.done:
+            job.answers.unlink(missing_ok=True)
     s = {"method": rt.plan.name, **summarize(results)}
-    if len(qs) == 1 and len(qs[0].turns) == 1:
-        print(qs[0].turns[0] + rows[0]["choices"][0]["turns"][0])
-        print()
+    if len(job.questions) == 1 and len(job.questions[0].turns) == 1 and rows:
+        show_completion(job.questions[0].turns[0], rows[0]["choices"][0]["turns"][0])
+    if job.done:
+        print(f"resumed: {len(job.done)} questions already answered, {written} answered now")
     print(markdown_table([s], SUMMARY_COLS))
-    print(f"answers: {answers}")
-    return {"task": "generate", "plan_hash": rt.plan.plan_hash(), "answers": str(answers), **s}
+    print(f"answers: {job.answers}")
+    return {"task": "generate", "plan_hash": rt.plan.plan_hash(), "answers": str(job.answers), **s}
 
 
-def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
+def run_bench(rt: Runtime, cfg: SpecConfig, job: Job) -> dict:
     """Autoregressive baseline and the configured method on the same prompts, same target, same run."""
+    out, qs = job.out, job.questions
     out.mkdir(parents=True, exist_ok=True)
-    qs = read_questions(cfg)
     methods = {"autoregressive": rt.with_drafter(NoDrafter()), rt.plan.name: rt}
     for _ in range(cfg.task.warmup):
         for m in methods.values():
             answer(m, qs[0], min(16, cfg.task.max_new_tokens), cfg.sampling.seed)
     per: dict[str, list[DecodeResult]] = {k: [] for k in methods}
     per_cat: dict[str, dict[str, list[DecodeResult]]] = {}
-    equal = 0
-    for q in qs:  # interleave methods per prompt (and per repeat) so machine noise hits both alike
-        outs = {}
-        for _ in range(cfg.task.repeats):
-            for name, m in methods.items():
-                texts, rs = answer(m, q, cfg.task.max_new_tokens, cfg.sampling.seed)
-                per[name] += rs
-                per_cat.setdefault(q.category, {}).setdefault(name, []).extend(rs)
-                outs.setdefault(name, set()).add(json.dumps([r.output_ids for r in rs]))
-        equal += len(set.union(*outs.values())) == 1  # every run of every method gave the same tokens
+    equal, paired = 0, []  # paired: method tok/s over baseline tok/s, per prompt and repeat
+    progress = Progress(len(qs) * cfg.task.repeats, "bench")
+    try:
+        for q in qs:  # interleave methods per prompt (and per repeat) so machine noise hits both alike
+            outs = {}
+            for _ in range(cfg.task.repeats):
+                speed = {}
+                for name, m in methods.items():
+                    texts, rs = answer(m, q, cfg.task.max_new_tokens, cfg.sampling.seed)
+                    per[name] += rs
+                    per_cat.setdefault(q.category, {}).setdefault(name, []).extend(rs)
+                    outs.setdefault(name, set()).add(json.dumps([r.output_ids for r in rs]))
+                    speed[name] = summarize(rs)["tokens_per_s"]
+                    if name != "autoregressive":
+                        progress.update(rs)
+                base_speed, method_speed = speed.values()
+                paired.append(method_speed / base_speed if base_speed else 0.0)
+            equal += len(set.union(*outs.values())) == 1  # every run of every method gave the same tokens
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: bench stopped before writing its report") from None
+    finally:
+        progress.close()
     rows = [{"method": k, **summarize(v)} for k, v in per.items()]
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base if base else 0.0
+    spread = [min(paired), statistics.median(paired), max(paired)]
     cats = []
     for cat, d in per_cat.items():
         crow = [{"method": k, **summarize(v)} for k, v in d.items()]
@@ -170,7 +326,7 @@ def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
     report = {"plan": rt.plan.to_dict(), "plan_hash": rt.plan.plan_hash(), "environment": env,
               "num_prompts": len(qs), "repeats": cfg.task.repeats, "max_new_tokens": cfg.task.max_new_tokens,
               "greedy": rt.plan.greedy, "outputs_equal_to_baseline": f"{equal}/{len(qs)}",
-              "methods": rows, "per_category": cats, "batch_sizes": batch_rows}
+              "speedup_min_median_max": spread, "methods": rows, "per_category": cats, "batch_sizes": batch_rows}
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     cols = SUMMARY_COLS[:5] + [("speedup", "speedup")] + SUMMARY_COLS[5:]
     md = [f"# bench: {rt.plan.name}", "",
@@ -181,7 +337,10 @@ def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
           f"Machine: {env['machine']}; torch {env['torch']}; device {env['device']}; {env['threads']} threads; "
           f"command: `{env['command']}`", "",
           "CPU transforms: " + ("; ".join(f"{k}: {v}" for k, v in env["cpu_transforms"].items()) or "none"), "",
-          markdown_table(rows, cols), "", "## Per category", "",
+          markdown_table(rows, cols), "",
+          f"speedup over {len(paired)} paired runs (each prompt and repeat, AR and method back to back): "
+          f"min {spread[0]:.2f}x / median {spread[1]:.2f}x / max {spread[2]:.2f}x", "",
+          "## Per category", "",
           markdown_table(cats, [("category", "category")] + cols)]
     if batch_rows:
         md += ["", "## Batch sizes", "",
@@ -192,7 +351,7 @@ def run_bench(rt: Runtime, cfg: SpecConfig, out: Path) -> dict:
     (out / "bench.md").write_text("\n".join(md) + "\n")
     _plot(rows, out / "bench.png")
     if len(qs) == 1 and len(qs[0].turns) == 1:  # a single prompt (the demo): show what was generated
-        print(qs[0].turns[0] + texts[0] + "\n")
+        show_completion(qs[0].turns[0], texts[0])
     print("\n".join(md[2:]))
     print(f"bench: {out / 'bench.md'}")
     method = rows[-1]

@@ -7,7 +7,7 @@
    prompt tokens, then the lowest ids, until K rows: `s2t`, sorted ascending.
 
 Counts go to a calibration file keyed by everything they depend on (the target's files, the tokenizer,
-the prompts, their number and length), so later runs reuse them and a stale file is refused rather than
+the prompts, their number and length; not the context limit), so later runs reuse them and a stale file is refused rather than
 silently used. Calibration is greedy whatever the run's sampling settings [D]: any selection is lossless,
 and one file then serves every temperature.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -51,12 +52,16 @@ def target_identity(plan: Plan) -> dict:
 
 
 def calibration_key(plan: Plan) -> tuple[str, dict]:
+    """The key hashes what the counts are about (target, tokenizer, prompts, their number and length), not the
+    run's context limit: `target.max_seq_len` only cuts calibration prompts too long for it, which shifts the
+    prompt-token tie-breaks, never what the file describes, so one file serves every context length. The meta
+    records the max_seq_len that made the file (not hashed)."""
     vt = plan.vocab_trim
     meta = {"version": ARTIFACT_VERSION, "target": target_identity(plan),
             "prompts_sha256": sha256_file(Path(vt.prompts)), "num_prompts": vt.num_prompts,
-            "max_new_tokens": vt.max_new_tokens, "max_seq_len": plan.max_seq_len}
+            "max_new_tokens": vt.max_new_tokens}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    return key, meta
+    return key, {**meta, "max_seq_len": plan.max_seq_len}
 
 
 def read_prompts(path: str, num: int) -> list[str]:
@@ -70,12 +75,16 @@ def calibrate(target, cache, tokenizer, eos_ids: tuple[int, ...], prompts: list[
     """Greedy target completions of `prompts`; returns generated and prompt token counts ({id: count})."""
     gen = torch.zeros(vocab, dtype=torch.int64)
     seen = torch.zeros(vocab, dtype=torch.int64)
-    for text in tqdm(prompts, desc="vocab_trim calibration", unit="prompt", leave=False):
+    bar = tqdm(prompts, desc="vocab_trim calibration", unit="prompt", leave=False)
+    start, made = time.perf_counter(), 0
+    for text in bar:
         ids = tokenizer.encode(text).ids[:max_seq_len - max_new_tokens]
         if not ids:
             continue
         out = decode(target, cache, NoDrafter(), ids, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len,
                      eos_ids=eos_ids).output_ids
+        made += len(out)
+        bar.set_postfix_str(f"{made / (time.perf_counter() - start):.0f} tok/s", refresh=False)
         gen += torch.bincount(torch.tensor(out, dtype=torch.int64), minlength=vocab)[:vocab]
         seen += torch.bincount(torch.tensor(ids, dtype=torch.int64), minlength=vocab)[:vocab]
     sparse = lambda c: {str(i): int(c[i]) for i in c.nonzero().flatten().tolist()}  # noqa: E731

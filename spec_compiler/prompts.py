@@ -19,11 +19,22 @@ class Question:
     turns: tuple[str, ...]
 
 
+def read_text(file: str, key: str) -> str:
+    """A UTF-8 text file named by config key `key`; a typed error naming the file otherwise."""
+    path = resolve_path(file)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(key, f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8", file) from None
+    except OSError as e:
+        raise ConfigError(key, f"{path}: cannot read ({e.strerror})", file) from None
+
+
 def read_question_file(file: str, key: str) -> list[Question]:
     """A Spec-Bench question file (one JSON row per line with `turns`); errors name config key `key`."""
     path = resolve_path(file)
     qs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text(file, key).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -31,9 +42,12 @@ def read_question_file(file: str, key: str) -> list[Question]:
             turns = row["turns"]
             if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
                 raise ValueError("'turns' must be a non-empty list of strings")
+            if not all(t.strip() for t in turns):
+                raise ValueError("a turn is empty")
             qs.append(Question(row.get("question_id", n), str(row.get("category", "")), tuple(turns)))
         except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(key, f"{path}:{n}: not a Spec-Bench question row ({e})") from None
+            raise ConfigError(key, f"{path}:{n}: not a Spec-Bench question row ({type(e).__name__}: {e})",
+                              file) from None
     if not qs:
         raise ConfigError(key, f"{path}: no questions", file)
     return qs

@@ -206,8 +206,9 @@ class TargetConfig:
     """Readable name used in artifact and output names."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The target model."""
-    max_seq_len: int = 1024
-    """Context limit: prompt + generated tokens never exceed it (the KV cache is sized from it)."""
+    max_seq_len: Optional[int] = None
+    """Context limit: prompt + generated tokens never exceed it (the KV cache is sized from it); None = the
+    checkpoint's max_position_embeddings (models without one, random weights and SSMs, need it set)."""
     tokenizer: Optional[str] = None
     """tokenizer.json path or directory; None = the checkpoint's, or the built-in byte-level tokenizer for random weights."""
 
@@ -369,6 +370,9 @@ class TaskConfig:
     """Requests decoded together (cache rows); a finished request's row goes to the next prompt."""
     batch_sizes: list[int] = field(default_factory=list)
     """bench: every batch size to measure in one run, side by side (empty = [batch_size])."""
+    resume: bool = False
+    """generate: continue an existing answers file, skipping the questions it already answers (without it, an
+    existing answers file is refused, never overwritten)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -549,6 +553,8 @@ class SpecConfig:
     """task=train: how the model pair is trained (ignored by the other tasks)."""
     prompt: Optional[str] = None
     """A prompt given on the command line (default: a built-in one when `prompts` is unset)."""
+    prompt_file: Optional[str] = None
+    """A UTF-8 text file whose whole content is one prompt (multi-line prompts)."""
     prompts: Optional[str] = None
     """A Spec-Bench-format question jsonl."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +17,7 @@ from spec_compiler.arch import LlamaConfig, Mamba2Config
 from spec_compiler.checkpoint import read_llama_config, read_mamba2_config
 from spec_compiler.errors import CheckpointError, ConfigError
 from spec_compiler.schema import (AcceptanceRule, Arch, ChildKind, ChildSampling, check_arch, Device, DrafterKind,
-                                  ModelConfig, ModelSource, SpecConfig, TreePolicy)
+                                  ModelConfig, ModelSource, SpecConfig, TreeConfig, TreePolicy)
 from spec_compiler.tokenizer import get_tokenizer
 from spec_compiler.tree import TreeTopology
 
@@ -154,13 +154,25 @@ def _check_sampling(cfg: SpecConfig, topo: TreeTopology, kind: ChildKind) -> Non
 def validate(cfg: SpecConfig, host: Host) -> Resolved:
     """All cross-field rules; returns the resolved config or raises one ConfigError."""
     t = cfg.target
-    if t.max_seq_len < 2:
+    if t.max_seq_len is not None and t.max_seq_len < 2:
         raise ConfigError("target.max_seq_len", "must be >= 2", t.max_seq_len)
     target_arch = _arch(t.model, "target.model", None)
+    _check_arch_fields_unused(t.model, "target.model")
     limit = getattr(target_arch, "max_position_embeddings", None)  # SSMs have no position limit
-    if limit is not None and t.max_seq_len > limit:
-        raise ConfigError("target.max_seq_len", f"exceeds the checkpoint's max_position_embeddings ({limit})",
-                          t.max_seq_len)
+    if t.model.source is not ModelSource.checkpoint:
+        limit = None  # random weights: LlamaConfig's limit is a placeholder
+    if t.max_seq_len is None:
+        if limit is None:
+            raise ConfigError("target.max_seq_len", "required: this target states no max_position_embeddings "
+                              "(random weights or an SSM); set the context limit, e.g. target.max_seq_len=2048")
+        cfg = replace(cfg, target=replace(t, max_seq_len=limit))  # None = the checkpoint's own limit
+        t = cfg.target
+    elif limit is not None and t.max_seq_len > limit:
+        raise ConfigError("target.max_seq_len", f"exceeds the checkpoint's max_position_embeddings ({limit}); "
+                          "leave it unset to use the checkpoint's", t.max_seq_len)
+    if cfg.task.max_new_tokens >= t.max_seq_len:
+        _warn("task.max_new_tokens", f"{cfg.task.max_new_tokens} >= target.max_seq_len ({t.max_seq_len}): "
+              "every answer stops at the context limit first")
     if t.tokenizer is not None and not resolve_path(t.tokenizer).exists():
         raise ConfigError("target.tokenizer", f"not found: {resolve_path(t.tokenizer)}", t.tokenizer)
 
@@ -168,10 +180,16 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
     drafter_arch = None
     if d.kind is DrafterKind.model:
         drafter_arch = _arch(d.model, "drafter.model", target_arch)
-        if drafter_arch.vocab_size > target_arch.vocab_size:
-            raise ConfigError("drafter.model.vocab_size", f"drafter vocabulary ({drafter_arch.vocab_size}) is "
-                              f"larger than the target's ({target_arch.vocab_size}); drafts must be target ids",
-                              drafter_arch.vocab_size)
+        _check_arch_fields_unused(d.model, "drafter.model")
+        dv, tv = drafter_arch.vocab_size, target_arch.vocab_size
+        src = f" (checkpoint {d.model.checkpoint})" if d.model.source is ModelSource.checkpoint else ""
+        if dv > tv:
+            raise ConfigError("drafter.model.vocab_size", f"drafter vocabulary{src} is larger than the target's "
+                              f"({tv}); drafts must be target ids", dv)
+        if dv < tv:
+            raise ConfigError("drafter.model.vocab_size", f"drafter vocabulary{src} is smaller than the target's "
+                              f"({tv}); the drafter reads every target token, and ids >= {dv} have no drafter "
+                              "embedding", dv)
         limit = getattr(drafter_arch, "max_position_embeddings", None)
         if limit is not None and t.max_seq_len > limit:
             raise ConfigError("target.max_seq_len", f"exceeds the drafter's max_position_embeddings ({limit})",
@@ -180,6 +198,12 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
     _check_vocab_trim(cfg, drafter_arch)
 
     topo = _topology(cfg)
+    tree_defaults = TreeConfig()
+    if d.kind is not DrafterKind.none and cfg.tree.policy is TreePolicy.chain \
+            and list(cfg.tree.branching) != tree_defaults.branching:
+        _warn("tree.branching", "no effect with tree.policy=chain (use tree=static for a branching tree)")
+    if d.kind is not DrafterKind.none and cfg.tree.policy is TreePolicy.static and cfg.tree.k != tree_defaults.k:
+        _warn("tree.k", "no effect with tree.policy=static (tree.branching sets the shape; tree=chain uses k)")
     if d.kind is DrafterKind.none and cfg.tree.policy is TreePolicy.static:
         _warn("tree", "no effect with drafter=none (plain autoregressive decoding)")
     if d.kind is DrafterKind.prompt_lookup and cfg.tree.children is not ChildSampling.topk:
@@ -194,10 +218,16 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
     kind = _child_kind(cfg)
     _check_sampling(cfg, topo, kind)
 
-    if cfg.prompt is not None and cfg.prompts is not None:
-        raise ConfigError("prompts", "set either prompt or prompts, not both", cfg.prompts)
-    if cfg.prompts is not None and not resolve_path(cfg.prompts).is_file():
-        raise ConfigError("prompts", f"prompt file not found: {resolve_path(cfg.prompts)}", cfg.prompts)
+    given = [k for k in ("prompt", "prompt_file", "prompts") if getattr(cfg, k) is not None]
+    if len(given) > 1:
+        raise ConfigError(given[-1], f"set only one of prompt, prompt_file, prompts (got {', '.join(given)})",
+                          getattr(cfg, given[-1]))
+    if cfg.prompt is not None and not cfg.prompt.strip():
+        raise ConfigError("prompt", "is empty", cfg.prompt)
+    for key in ("prompts", "prompt_file"):
+        value = getattr(cfg, key)
+        if value is not None and not resolve_path(value).is_file():
+            raise ConfigError(key, f"prompt file not found: {resolve_path(value)}", value)
     dp = cfg.task.default_prompts
     if cfg.prompts is None and cfg.prompt is None and dp is not None and not resolve_path(dp).is_file():
         raise ConfigError("task.default_prompts", f"prompt file not found: {resolve_path(dp)}", dp)
@@ -219,6 +249,22 @@ def _check_cpu_transforms(cfg: SpecConfig, device: str) -> None:
     named = [k for k in ("fp16_weight_gemm", "rmsnorm_layernorm", "gemv_head") if getattr(ct, k) is not None]
     if named and device == "cuda":
         _warn(f"backend.cpu_transforms.{'/'.join(named)}", "no effect on cuda (CPU fast paths, device=cpu only)")
+
+
+RANDOM_WEIGHT_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                        "intermediate_size", "rope_theta", "tie_word_embeddings", "d_state", "d_conv", "expand",
+                        "headdim", "ngroups", "d_intermediate", "attn_layer_idx")
+
+
+def _check_arch_fields_unused(m: ModelConfig, key: str) -> None:
+    """A checkpoint states its own architecture: the random-weight fields (`--cfg job` shows them) do nothing."""
+    if m.source is not ModelSource.checkpoint:
+        return
+    defaults = ModelConfig()
+    changed = [f for f in RANDOM_WEIGHT_FIELDS if getattr(m, f) != getattr(defaults, f)]
+    if changed:
+        _warn(f"{key}.{changed[0]}", f"no effect with source=checkpoint (config.json sets the architecture; "
+              f"random-weight fields set: {', '.join(changed)})")
 
 
 def _check_vocab_trim(cfg: SpecConfig, drafter_arch: Optional[ResolvedArch]) -> None:
