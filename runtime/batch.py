@@ -194,15 +194,22 @@ class Block:
                      mask_full=T == 1 and S == start + 1)
 
     @staticmethod
+    def _tree_one_row(L: int, base: int, tree: TreeBatch, kv_len: int, lo: int, hi: int) -> "Block":
+        return _tree_one_row_impl(L, base, tree, kv_len, lo, hi)
+
+    @staticmethod
     def tree(lengths: Tensor, tree: TreeBatch, kv_len: int, lo: int = 0, hi: Optional[int] = None,
              base: Optional[Tensor] = None, device=None) -> "Block":
         """Nodes lo..hi-1 of every row's tree, node j at slot base_b + j (default base = lengths: the verify
         forward, whose root is pending at slot L_b). A drafter whose root is already committed passes
         base = lengths - 1 and lo >= 1 (one level per forward). Node j continues from its parent's slot,
         the root from the committed slot L_b - 1; padding from nothing."""
+        hi = tree.T if hi is None else hi
+        if tree.B == 1 and lengths.device.type == "cpu" and (device is None or torch.device(device).type == "cpu"):
+            L = int(lengths[0])
+            return Block._tree_one_row(L, L if base is None else int(base[0]), tree, kv_len, lo, hi)
         lengths = lengths.to(device)
         base = lengths if base is None else base.to(device)
-        hi = tree.T if hi is None else hi
         B, T = tree.tokens.shape[0], hi - lo
         ids = torch.arange(lo, hi, device=device)
         slots = base[:, None] + ids[None]  # [B, T]
@@ -211,12 +218,33 @@ class Block:
         parent_slots = torch.where(tree.valid[:, lo:hi].to(device), parent_slots, torch.full_like(parent_slots, -1))
         anc = tree.anc[:, lo:hi, :hi].to(device)  # [B, T, hi]: visible tree nodes 0..hi-1
         start = int(base[0]) + lo if B == 1 and base.device.type == "cpu" else None
-        full = start is not None and T == 1 and kv_len == start + 1  # one token that sees every slot (AR, B=1)
+        full = start is not None and T == 1 and lo == 0 and kv_len == start + 1  # the root alone sees every slot
         mask = torch.ones(B, T, kv_len, dtype=torch.bool, device=device) if full else \
             window_mask(lengths, base, anc, kv_len)
         return Block(slots, base[:, None] + tree.depth[:, lo:hi].to(device), parent_slots, mask, lengths,
                      advance=False, anc=anc[:, :, lo:hi], offsets=slots - lengths[:, None], start=start,
                      mask_full=full)
+
+
+def _tree_one_row_impl(L: int, base: int, tree: TreeBatch, kv_len: int, lo: int, hi: int) -> Block:
+    """`Block.tree` for one row on the CPU with Python-int lengths: the same tensors from a handful of ops (this
+    runs for every forward of a batch-1 decode, where each small op costs as much as a layer's GEMM)."""
+    T = hi - lo
+    slots = torch.arange(base + lo, base + hi)[None]  # [1, T]
+    parents = tree.parents[:, lo:hi]
+    valid = tree.valid[:, lo:hi]
+    parent_slots = torch.where(parents >= 0, parents + base, L - 1).masked_fill_(~valid, -1)
+    anc = tree.anc[:, lo:hi, :hi]  # [1, T, hi]
+    full = T == 1 and lo == 0 and kv_len == base + 1  # the root alone, seeing every slot (an AR step)
+    if full:
+        mask = torch.ones(1, 1, kv_len, dtype=torch.bool)
+    else:
+        mask = torch.zeros(1, T, kv_len, dtype=torch.bool)
+        mask[:, :, :L] = True
+        mask[:, :, base:base + hi] |= anc
+    lengths = torch.tensor([L])
+    return Block(slots, tree.depth[:, lo:hi] + base, parent_slots, mask, lengths, advance=False,
+                 anc=anc[:, :, lo:hi], offsets=slots - L, start=base + lo, mask_full=full)
 
 
 def window_mask(lengths: Tensor, base: Tensor, anc: Tensor, kv_len: int) -> Tensor:

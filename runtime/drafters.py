@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from runtime.batch import Block, TreeBatch
+from runtime.models.llama import KVCache
 from runtime.sampling import ChildKind
 from spec_compiler.tree import Provenance, TreeTopology, tree_buckets
 
@@ -108,8 +109,14 @@ class ModelDrafter:
         news = [r.tokens[self.cached[r.slot]:] for r in rows]
         cached = [self.cached[r.slot] for r in rows]
         view = self.cache.view_rows(0, B)
-        # Chains padded to the longest, committed up to each row's root. Batch 1 takes the same path (not a
-        # causal block, whose SSM scan is another algorithm), so a row drafts the same alone and in a batch.
+        if B == 1 and isinstance(self.cache, KVCache):  # attention only: a causal block is the same arithmetic
+            n = len(news[0])
+            block = Block.causal(cached[0], n, 1, self._kv_len(cached[0] + n), device=self.device)
+            h = self.model.hidden(torch.tensor(news, device=self.device), block.positions, view, block, num_rows=1)
+            self.cached[rows[0].slot] = len(rows[0].tokens)
+            return self.model.logits(h[:, 0])
+        # Chains padded to the longest, committed up to each row's root. An SSM model takes this path at batch 1
+        # too (a causal block runs its chunked scan, another algorithm), so a row drafts the same in any batch.
         topos = [TreeTopology.chain(len(x) - 1) for x in news]
         T = max(len(x) for x in news)
         provs = [[Provenance.root] + [Provenance.topk] * (len(x) - 1) for x in news]
