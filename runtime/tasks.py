@@ -365,7 +365,7 @@ def run_bench(rt: Runtime, cfg: SpecConfig, job: Job) -> dict:
     (out / "bench.md").write_text("\n".join(md) + "\n")
     _plot(rows, out / "bench.png")
     if len(qs) == 1 and len(qs[0].turns) == 1:  # a single prompt (the demo): show what was generated
-        show_completion(qs[0].turns[0], texts[0])
+        show_completion(qs[0].turns[0], answers[0][0][0])  # the method's text (the last run)
     print("\n".join(md[2:]))
     print(f"bench: {out / 'bench.md'}")
     method = rows[-1]
