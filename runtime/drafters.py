@@ -178,6 +178,9 @@ class ModelDrafter:
                                device=self.device)
             logits = self.model(toks[:, lo:hi].to(self.device), block.positions, view, block)  # [B, hi-lo, Vd]
 
+        if depth == self.topology.max_depth and all(m >= depth for m in max_depth) and all(all(k) for k in keep):
+            full.draft_probs = probs  # every row kept the whole plan tree: it is the batch (bucket topo.n)
+            return full
         subs, sub_toks, sub_provs, kept_rows = [], [], [], []
         for b in range(B):
             t = topo if max_depth[b] >= depth else topo.truncate(max(0, max_depth[b]))
