@@ -121,10 +121,15 @@ class TreeBatch:
 
     @staticmethod
     def roots(root_tokens: Sequence[int]) -> "TreeBatch":
-        """Root-only trees (the autoregressive step)."""
-        topo = TreeTopology.root_only()
-        return TreeBatch.build([topo] * len(root_tokens), [[int(x)] for x in root_tokens],
-                               [[Provenance.root]] * len(root_tokens), 1)
+        """Root-only trees (the autoregressive step); the structure tensors are shared constants."""
+        B = len(root_tokens)
+        if B not in _ROOTS:
+            one = TreeBatch.build([TreeTopology.root_only()] * B, [[0]] * B, [[Provenance.root]] * B, 1)
+            _ROOTS[B] = (one.topologies, one.parents, one.depth, one.anc, one.provenance, one.valid)
+        topos, parents, depth, anc, prov, valid = _ROOTS[B]
+        out = TreeBatch(topos, torch.tensor([[int(x)] for x in root_tokens]), parents, depth, anc, prov)
+        out.__dict__["valid"] = valid
+        return out
 
     def select_rows(self, rows: Sequence[int]) -> "TreeBatch":
         """The sub-batch of `rows` (e.g. the greedy rows of a mixed batch)."""
@@ -226,10 +231,18 @@ class Block:
                      mask_full=full)
 
 
+_ROOTS: dict = {}  # B -> the structure tensors of B root-only trees
+
+
 def _tree_one_row_impl(L: int, base: int, tree: TreeBatch, kv_len: int, lo: int, hi: int) -> Block:
     """`Block.tree` for one row on the CPU with Python-int lengths: the same tensors from a handful of ops (this
     runs for every forward of a batch-1 decode, where each small op costs as much as a layer's GEMM)."""
     T = hi - lo
+    if T == 1 and lo == 0 and kv_len == base + 1 and base == L:  # the root alone, seeing every slot (AR step)
+        here = torch.tensor([[L, L, L - 1]])
+        return Block(here[:, 0:1], here[:, 1:2], here[:, 2:3], torch.ones(1, 1, kv_len, dtype=torch.bool),
+                     here[0, 0:1], advance=False, anc=tree.anc[:, :1, :1], offsets=here[:, 0:1] - L, start=L,
+                     mask_full=True)
     slots = torch.arange(base + lo, base + hi)[None]  # [1, T]
     parents = tree.parents[:, lo:hi]
     valid = tree.valid[:, lo:hi]

@@ -56,7 +56,7 @@ class CpuTransforms:
     gemv_head: bool = False
 
 
-CPU_TRANSFORM_DEFAULTS = CpuTransforms(fp16_weight_gemm=True, rmsnorm_layernorm=False, gemv_head=True)
+CPU_TRANSFORM_DEFAULTS = CpuTransforms(fp16_weight_gemm=True, rmsnorm_layernorm=True, gemv_head=True)
 """Each transform on where it measured faster (benchmarks/cpu/transforms_bench.md): the fp16 GEMM and the GEMV
 head are; RMSNorm as LayerNorm is not (torch 2.13's fused rms_norm is as fast)."""
 
