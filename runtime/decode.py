@@ -105,17 +105,18 @@ class Request:
 class Engine:
     def __init__(self, target, cache, drafter, *, max_seq_len: int, eos_ids: Sequence[int] = (),
                  kv_window: str = "live", prefill_chunk: int = 0,
-                 on_step: Optional[Callable[[StepState], None]] = None):
+                 on_step: Optional[Callable[[StepState], None]] = None, record_shapes: bool = False):
         """cache: the target's cache with `cache.rows` rows (the most requests decoded together);
-        prefill_chunk: prompt tokens per prefill forward (0 = the whole prompt in one)."""
+        prefill_chunk: prompt tokens per prefill forward (0 = the whole prompt in one); record_shapes: keep
+        the (B, T, S) of every verify forward in `shapes` (tests of the static-shape contract)."""
         assert kv_window in ("live", "full"), kv_window
         self.target, self.cache, self.drafter = target, cache, drafter
         self.max_seq_len, self.eos = max_seq_len, frozenset(eos_ids)
         self.kv_window, self.prefill_chunk, self.on_step = kv_window, prefill_chunk, on_step
         self.device = next(target.parameters()).device
         self.rows: list[Request] = []
-        self.shapes: list[tuple] = []
-        """(B, T, S) of every verify forward, for tests of the static-shape contract."""
+        self.shapes: Optional[list[tuple]] = [] if record_shapes else None
+        """(B, T, S) of every verify forward (record_shapes), else None."""
 
     @property
     def capacity_rows(self) -> int:
@@ -166,7 +167,8 @@ class Engine:
         t1 = time.perf_counter()
         lengths = [r.L for r in rows]
         block = Block.tree(torch.tensor(lengths), tree, self._kv_len(max(lengths) + tree.T), device=self.device)
-        self.shapes.append((B, tree.T, block.S))
+        if self.shapes is not None:
+            self.shapes.append((B, tree.T, block.S))
         logits = self.target(tree.tokens.to(self.device), block.positions, self.cache.view_rows(0, B), block)
         paths, nxt = accept(tree, logits.cpu(), [r.sampling for r in rows], [r.verify_gen for r in rows])
         t2 = time.perf_counter()

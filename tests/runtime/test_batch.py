@@ -83,7 +83,7 @@ def requests(sampling: list[SamplingParams], seeds=(0, 1, 2, 3, 4)) -> list[Requ
 
 def run(target, kind, topo, reqs, rows, child=ChildKind.deterministic, kv_window="live", on_step=None, eos=()):
     eng = Engine(target, new_cache(target, rows, topo), make_drafter(kind, target, topo, rows, child, kv_window),
-                 max_seq_len=MAX_SEQ, eos_ids=eos, kv_window=kv_window, on_step=on_step)
+                 max_seq_len=MAX_SEQ, eos_ids=eos, kv_window=kv_window, on_step=on_step, record_shapes=True)
     return eng, eng.generate(reqs)
 
 
