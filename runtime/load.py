@@ -17,7 +17,7 @@ from runtime.lookup import PromptLookupDrafter
 from runtime.models import mamba2
 from runtime.models.checkpoint import load_llama
 from runtime import vocab_trim
-from runtime.models.llama import LlamaConfig, LlamaModel, init_random, perturbed_copy, trim_lm_head
+from runtime.models.llama import LlamaConfig, init_random, perturbed_copy, trim_lm_head
 from runtime.models.mamba_checkpoint import load_mamba2
 from runtime.transforms import TransformReport, transform_models
 from spec_compiler.checkpoint import read_eos_ids
