@@ -84,7 +84,7 @@ def test_readme_command_runs(command, dirs, capsys, monkeypatch, tmp_path):
     if argv[:2] == ["bash", "scripts/run.sh"] or argv[:2] == ["bash", "scripts/test.sh"]:
         if not stamped_venv():
             pytest.skip("no .venv set up by scripts/setup.sh here (CI has one)")
-        extra = (["tests/spec_compiler/test_tree.py", "-x"] if argv[1] == "scripts/test.sh"
+        extra = (["tests/spec_compiler/test_layers.py", "-x", "-n", "0"] if argv[1] == "scripts/test.sh"
                  else ["target=tiny_random", "drafter=noisy_copy", *SMALL, f"hydra.run.dir={tmp_path}"])
         p = subprocess.run([*argv, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
