@@ -142,7 +142,7 @@ def test_many_requests_equal_alone(rt, policy, tmp_path):
     for i, p in enumerate(prompts):
         temp = 0.0 if (policy == "smartspec" or rng.random() < 0.5) else rng.choice([0.7, 1.0, 1.3])
         sp = SamplingParams(temp, rng.choice([0, 5]) if temp else 0, rng.choice([1.0, 0.9]) if temp else 1.0)
-        jobs.append(Job(p, rng.randint(1, 10), sp, seed=rng.randrange(1000)))
+        jobs.append(Job(p, rng.randint(1, 8), sp, seed=rng.randrange(1000)))
         gaps.append(rng.expovariate(4000.0))
     try:
         run_jobs(sched, jobs, gaps)
