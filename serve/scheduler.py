@@ -132,21 +132,22 @@ class Scheduler:
         path = self.profile_path()
         if path.exists():
             prof = LatencyProfile.load(path)
-            if set(ks) <= set(prof.ks) and prof.batch_sizes[-1] >= self.serving.max_batch_size:
+            if prof is not None and set(ks) <= set(prof.ks) and prof.batch_sizes[-1] >= self.serving.max_batch_size:
                 return prof
         sizes = profile_batch_sizes(self.serving.max_batch_size)
-        # A context of 256 tokens (or half the window): the step cost grows with the context attended over.
-        ids = (self._profile_ids * 256)[:min(256, self.rt.plan.max_seq_len // 2)]
-        budget = (max(ks) + 1) * (self.serving.profile_steps + 2)
-        n = min(budget, self.rt.plan.max_seq_len - len(ids) - 1)
+        steps = self.serving.profile_steps
+        n = (max(ks) + 1) * (steps + 2)  # enough budget that no row finishes while timed
+        top = self.rt.plan.max_seq_len - n - 1
+        contexts = sorted({max(1, min(c, top)) for c in (128, 512)})  # the step cost grows with the context
 
-        def make(i):
-            return self._request(Job(list(ids), n, seed=i))
+        def make(ctx, i):
+            return self._request(Job((self._profile_ids * ctx)[:ctx], n, seed=i))
 
-        with tqdm(total=len(sizes) * len(ks), desc=f"profiling step latency -> {path.name}", leave=False) as bar:
-            prof = profile_engine(self.engine, make, sizes, ks, self.serving.profile_steps, bar)
-        prof.meta = {"plan": self.rt.plan.readable_name, "machine": machine_tag(), "prompt_tokens": len(ids),
-                     "steps_per_cell": self.serving.profile_steps, "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        total = len(contexts) * len(sizes) * len(ks)
+        with tqdm(total=total, desc=f"profiling step latency -> {path.name}", leave=False) as bar:
+            prof = profile_engine(self.engine, make, contexts, sizes, ks, steps, bar)
+        prof.meta = {"plan": self.rt.plan.readable_name, "machine": machine_tag(), "steps_per_cell": steps,
+                     "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
         prof.save(path)
         return prof
 

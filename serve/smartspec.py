@@ -48,28 +48,29 @@ def machine_tag() -> str:
     return hashlib.sha256(name.encode()).hexdigest()[:8]
 
 
+PROFILE_VERSION = 2
+
+
 @dataclass
 class LatencyProfile:
-    """Median seconds of one engine step (draft + verify + commit) per (batch size, k)."""
+    """Median seconds of one engine step (draft + verify + commit) per (context length, batch size, k)."""
 
+    contexts: list[int]
+    """Tokens in each row's context when profiled (the attention window grows with it)."""
     batch_sizes: list[int]
     ks: list[int]
-    seconds: list[list[float]]
-    """seconds[i][j]: batch_sizes[i] rows, speculation length ks[j]."""
+    seconds: list[list[list[float]]]
+    """seconds[c][i][j]: contexts[c] tokens per row, batch_sizes[i] rows, speculation length ks[j]."""
     meta: dict = field(default_factory=dict)
-    """What was profiled: plan hash, machine, prompt length, steps per cell, date."""
+    """What was profiled: plan, machine, steps per cell, date."""
+    version: int = PROFILE_VERSION
 
-    def predict(self, B: int, k: int) -> float:
-        """T(B, k): exact at profiled batch sizes, linear in B between (and beyond) them; k clamped to the range."""
+    def predict(self, B: int, k: int, context: int | None = None) -> float:
+        """T(B, k) at `context` tokens (None: the first profiled context): linear in B and in the context
+        between (and beyond) the profiled points; k clamped to the profiled range."""
         j = min(range(len(self.ks)), key=lambda j: abs(self.ks[j] - k))
-        bs, col = self.batch_sizes, [row[j] for row in self.seconds]
-        if len(bs) == 1:
-            return col[0] * B / bs[0]
-        i = 0
-        while i < len(bs) - 2 and B > bs[i + 1]:
-            i += 1
-        b0, b1, t0, t1 = bs[i], bs[i + 1], col[i], col[i + 1]
-        return max(1e-9, t0 + (t1 - t0) * (B - b0) / (b1 - b0))
+        at = [_interp(self.batch_sizes, [row[j] for row in table], B) for table in self.seconds]
+        return max(1e-9, at[0] if context is None else _interp(self.contexts, at, context))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,9 +79,23 @@ class LatencyProfile:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "LatencyProfile":
+    def load(cls, path: Path) -> Optional["LatencyProfile"]:
+        """The saved profile, or None when the file is of another format version."""
         d = json.loads(Path(path).read_text())
-        return cls(d["batch_sizes"], d["ks"], d["seconds"], d.get("meta", {}))
+        if d.get("version") != PROFILE_VERSION:
+            return None
+        return cls(d["contexts"], d["batch_sizes"], d["ks"], d["seconds"], d.get("meta", {}))
+
+
+def _interp(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys), extended linearly past both ends (constant through one point)."""
+    if len(xs) == 1:
+        return ys[0]
+    i = 0
+    while i < len(xs) - 2 and x > xs[i + 1]:
+        i += 1
+    x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
 def expected_tokens(alpha: float, k: int, remaining: int) -> float:
@@ -146,7 +161,8 @@ class SmartSpec:
         """Estimated tokens per second of a step verifying k levels for these rows."""
         remaining = [r.max_new_tokens - r.emitted for r in rows]
         e = sum(expected_tokens(a, k, m) for a, m in zip(self.alphas(rows), remaining))
-        return e / self.profile.predict(len(rows), k) * (self.bias if k == 0 else 1.0)
+        context = max(len(r.tokens) for r in rows)  # the live attention window: the longest row
+        return e / self.profile.predict(len(rows), k, context) * (self.bias if k == 0 else 1.0)
 
     def choose(self, rows: Sequence) -> int:
         self.k = max(range(self.max_k + 1), key=lambda k: self.goodput(rows, k))  # no unimodality assumed
@@ -160,32 +176,34 @@ class SmartSpec:
                 self._stats(r).observe(res.accepted_drafts[-1], res.draft_depths[-1])
 
 
-def profile_engine(engine, make_request, batch_sizes: Sequence[int], ks: Sequence[int], steps: int,
-                   progress=None) -> LatencyProfile:
-    """Time `steps` engine steps (after one untimed) for every (B, k): B requests from make_request(i), each
-    step verifying k levels. The engine must be empty; it is left empty."""
+def profile_engine(engine, make_request, contexts: Sequence[int], batch_sizes: Sequence[int], ks: Sequence[int],
+                   steps: int, progress=None) -> LatencyProfile:
+    """Time `steps` engine steps (after one untimed) for every (context, B, k): B requests from
+    make_request(context, i), each step verifying k levels. The engine must be empty; it is left empty."""
     assert not engine.rows and not engine.prefilling
     seconds = []
-    for B in batch_sizes:
-        row = []
-        for k in ks:
-            reqs = [make_request(i) for i in range(B)]
-            for r in reqs:
-                engine.add(r)
-            times = []
-            for s in range(steps + 1):
-                t0 = time.perf_counter()
-                engine.step([k] * len(engine.rows))
-                times.append(time.perf_counter() - t0)
-                if len(engine.rows) < B:
-                    break
-            for r in list(engine.rows) + list(engine.prefilling):
-                engine.cancel(r)
-            row.append(statistics.median(times[1:] or times))
-            if progress is not None:
-                progress.update(1)
-        seconds.append(row)
-    return LatencyProfile(list(batch_sizes), list(ks), seconds)
+    for ctx in contexts:
+        table = []
+        for B in batch_sizes:
+            row = []
+            for k in ks:
+                for i in range(B):
+                    engine.add(make_request(ctx, i))
+                times = []
+                for _ in range(steps + 1):
+                    t0 = time.perf_counter()
+                    engine.step([k] * len(engine.rows))
+                    times.append(time.perf_counter() - t0)
+                    if len(engine.rows) < B:
+                        break
+                for r in list(engine.rows) + list(engine.prefilling):
+                    engine.cancel(r)
+                row.append(statistics.median(times[1:] or times))
+                if progress is not None:
+                    progress.update(1)
+            table.append(row)
+        seconds.append(table)
+    return LatencyProfile(list(contexts), list(batch_sizes), list(ks), seconds)
 
 
 def profile_batch_sizes(max_batch_size: int) -> list[int]:

@@ -191,16 +191,28 @@ def test_profile_measured_once_and_reused(rt, tmp_path):
     serving = ServingConfig(policy=ServingPolicy.smartspec, max_batch_size=2, profile=str(tmp_path / "p.json"),
                             profile_steps=2)
     first = Scheduler(rt, serving).policy.profile
-    assert first.batch_sizes == [1, 2] and first.ks == [0, 1, 2, 3] and all(t > 0 for row in first.seconds for t in row)
+    assert first.batch_sizes == [1, 2] and first.ks == [0, 1, 2, 3]
+    assert first.contexts == [MAX_SEQ - 4 * 4 - 1]  # 128 and 512 tokens do not fit: the longest that does
+    assert all(t > 0 for table in first.seconds for row in table for t in row)
     again = Scheduler(rt, serving).policy.profile
     assert again.seconds == first.seconds  # loaded, not re-measured
 
 
 # ---- SmartSpec ------------------------------------------------------------------------------------------
 def flat_profile(draft_cost: float = 0.15) -> LatencyProfile:
-    """A step costs 1 + draft_cost per draft level (times a mild batch factor)."""
+    """A step costs 1 + draft_cost per draft level (times a mild batch factor), at any context."""
     bs, ks = [1, 2, 4, 8], list(range(5))
-    return LatencyProfile(bs, ks, [[(1 + 0.05 * b) * (1 + draft_cost * k) for k in ks] for b in bs])
+    table = [[(1 + 0.05 * b) * (1 + draft_cost * k) for k in ks] for b in bs]
+    return LatencyProfile([64, 512], bs, ks, [table, table])
+
+
+def test_latency_profile_interpolates():
+    prof = LatencyProfile([100, 300], [1, 4], [0, 2], [[[1.0, 2.0], [4.0, 5.0]], [[3.0, 4.0], [6.0, 9.0]]])
+    assert prof.predict(1, 0, 100) == 1.0 and prof.predict(4, 2, 300) == 9.0
+    assert prof.predict(2, 0, 100) == pytest.approx(2.0)   # linear in B
+    assert prof.predict(1, 2, 200) == pytest.approx(3.0)   # linear in the context
+    assert prof.predict(8, 0, 100) == pytest.approx(8.0)   # extended past the last batch size
+    assert prof.predict(1, 1, 100) in (1.0, 2.0)           # k clamps to a profiled one
 
 
 def test_expected_tokens_and_estimator():
