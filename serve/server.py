@@ -511,3 +511,33 @@ def run_server(app: FastAPI, sock: socket.socket) -> None:
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def run_serve(rt: Runtime, cfg, job) -> dict:
+    """task=serve: the scheduler and the HTTP server until Ctrl-C / SIGTERM; returns the final stats."""
+    from spec_compiler.errors import ConfigError
+    t = cfg.task
+    key = resolve_api_key(t.api_key)
+    name = t.served_model_name or rt.plan.name
+    scheduler = Scheduler(rt, getattr(cfg, "serving", None))  # TODO(merge): cfg.serving
+    app = create_app(rt, scheduler, ServerConfig(name, key, t.max_body_bytes))
+    try:
+        sock = bind(t.host, t.port)
+    except OSError as e:
+        raise ConfigError("task.port" if e.errno == 98 else "task.host", f"cannot listen on {t.host}:{t.port} "
+                          f"({e.strerror})", t.port if e.errno == 98 else t.host) from None
+    if key is None and t.host not in ("127.0.0.1", "localhost", "::1"):
+        import warnings
+        warnings.warn(f"task.host={t.host}: the server is reachable from the network and has no API key "
+                      f"(set ${API_KEY_ENV} or task.api_key)", stacklevel=2)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {name} on http://{host}:{port}/v1 ({rt.batch_size} requests per step; "
+          f"{'API key required' if key else 'no API key'}); Ctrl-C stops", flush=True)
+    scheduler.start()
+    try:
+        run_server(app, sock)
+    except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down on: stopping is the normal end
+        pass
+    finally:
+        scheduler.stop()
+    return {"task": "serve", "plan_hash": rt.plan.plan_hash(), "model": name, **scheduler.stats()}
