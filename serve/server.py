@@ -86,6 +86,8 @@ class CompletionRequest(BaseModel):
     stream_options: Optional[StreamOptions] = None
     n: StrictInt = 1
     user: Optional[StrictStr] = None
+    return_token_ids: StrictBool = False
+    """vLLM's extension: the response also carries `prompt_token_ids` and each choice's (each chunk's) `token_ids`."""
     # OpenAI fields accepted only at their neutral values (clients such as LangChain send them)
     echo: Optional[StrictBool] = None
     logprobs: Optional[StrictInt] = None
@@ -148,13 +150,14 @@ def parse_completion(body: bytes) -> CompletionRequest:
 
 
 class TextStream:
-    """Token ids -> text, incrementally, cut at the first stop string.
+    """Token ids -> text, as they arrive, cut at the first stop string.
 
-    Each token is decoded against a few tokens of context (the prefix/read offsets of HF's text-generation-
-    inference), and text ending in an incomplete UTF-8 sequence ("\\ufffd") waits for the next token. With
-    stop strings, `ready()` holds back the last max(len(stop)) - 1 characters, which could still become one.
-    `num_tokens` is the count of tokens up to the one that completed the stop string (so it does not depend
-    on how many tokens a speculative step delivered at once).
+    The text is always the plain decode of every id so far (the same function task=generate uses), so a
+    completion streamed in pieces concatenates to exactly the text returned whole. `take()` holds back what
+    could still change or still turn out to be a stop string: a trailing run of "\ufffd" (an incomplete UTF-8
+    sequence may be completed by the next token) and the last max(len(stop)) - 1 characters. `num_tokens`
+    counts the tokens up to the one that completed the stop string, so it does not depend on how many tokens
+    a speculative step delivered at once.
     """
 
     def __init__(self, tokenizer, stops: list[str]):
@@ -162,7 +165,6 @@ class TextStream:
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
         self.text = ""
-        self.prefix = self.read = 0
         self.stopped = False
         self.sent = 0
         """Characters of `text` already handed out by `take()`."""
@@ -172,30 +174,25 @@ class TextStream:
         return len(self.ids)
 
     def push(self, new_ids: list[int]) -> None:
-        for t in new_ids:
-            if self.stopped:
-                return
-            self.ids.append(t)
-            prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
-            new_text = self.tok.decode(self.ids[self.prefix:])
-            if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-                continue
-            start = max(0, len(self.text) - self.hold)
-            self.text += new_text[len(prefix_text):]
-            self.prefix, self.read = self.read, len(self.ids)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
-                self.stopped = True
-
-    def finish(self) -> None:
-        """The job ended without a stop string: the text is the plain decode of every id (as task=generate's)."""
-        if not self.stopped:
-            self.text = self.tok.decode(self.ids)
+        if self.stopped or not new_ids:
+            return
+        old = len(self.ids)
+        start = max(0, len(self.text.rstrip("\ufffd")) - self.hold)
+        self.ids += new_ids
+        self.text = self.tok.decode(self.ids)
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            self.stopped = True
+            self.ids = self.ids[:next((m for m in range(old + 1, len(self.ids)) if any(
+                s in self.tok.decode(self.ids[:m]) for s in self.stops)), len(self.ids))]
+            self.text = self.text[:cut]
 
     def take(self, final: bool = False) -> str:
         """Text not handed out yet (all of it when stopped or final; else short of the held-back tail)."""
-        end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self.hold)
+        end = len(self.text)
+        if not (final or self.stopped):
+            end = max(self.sent, min(len(self.text.rstrip("\ufffd")), end - self.hold))
         out, self.sent = self.text[self.sent:end], end
         return out
 
@@ -356,9 +353,11 @@ def create_app(rt: Runtime, scheduler: Scheduler, cfg: ServerConfig) -> FastAPI:
                 scheduler.cancel(job)
                 stats.finished["disconnected"] += 1
                 raise
-            text.finish()
             reason = finish_reason()
             choice = {"text": text.take(final=True), "index": 0, "logprobs": None, "finish_reason": reason}
+            if req.return_token_ids:
+                choice["token_ids"] = text.ids
+                head["prompt_token_ids"] = prompt_ids
             return {**head, "choices": [choice], "usage": usage()}
 
         include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -367,17 +366,19 @@ def create_app(rt: Runtime, scheduler: Scheduler, cfg: ServerConfig) -> FastAPI:
             return f"data: {json.dumps(obj)}\n\n"
 
         async def stream():
-            done = False
+            done, ids_sent = False, 0
             try:
                 while not done:
                     _, done = await next_event()
-                    if done:
-                        text.finish()
                     delta = text.take(final=done)
-                    if delta or done:
+                    if delta or done or (req.return_token_ids and text.num_tokens > ids_sent):
                         reason = finish_reason() if done else None
                         choice = {"text": delta, "index": 0, "logprobs": None, "finish_reason": reason}
-                        yield sse({**head, "choices": [choice]} | ({"usage": None} if include_usage else {}))
+                        extra = {}
+                        if req.return_token_ids:
+                            choice["token_ids"], ids_sent = text.ids[ids_sent:], text.num_tokens
+                            extra = {} if ids_sent > len(choice["token_ids"]) else {"prompt_token_ids": prompt_ids}
+                        yield sse({**head, **extra, "choices": [choice]} | ({"usage": None} if include_usage else {}))
                 if include_usage:
                     yield sse({**head, "choices": [], "usage": usage()})
                 yield "data: [DONE]\n\n"

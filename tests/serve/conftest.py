@@ -1,0 +1,45 @@
+"""Fixtures for the serving tests: one small runtime (tiny random Llama target, noisy-copy drafter, chain of 3) and
+a scheduler over it; servers only on 127.0.0.1."""
+from __future__ import annotations
+
+import pytest
+
+import main
+from runtime.device import host
+from runtime.load import load
+from spec_compiler.plan import make_plan
+from spec_compiler.validate import validate
+from tests.conftest import compose_config
+
+SMALL = ["task=serve", "tree.k=3", "target.max_seq_len=96", "target.model.hidden_size=32", "target.model.num_layers=2",
+         "target.model.intermediate_size=64"]
+BATCH = 4
+
+
+def serve_spec(overrides: list[str] = ()):
+    return main.to_spec(compose_config(SMALL + list(overrides)))
+
+
+def plan_of(spec):
+    return make_plan(validate(spec, host()))
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return serve_spec()
+
+
+@pytest.fixture(scope="module")
+def runtime(spec):
+    return load(plan_of(spec), BATCH)
+
+
+@pytest.fixture(scope="module")
+def alone(spec):
+    """The same plan with one cache row: the single-request reference."""
+    return load(plan_of(spec), 1)
+
+
+def make_scheduler(rt, spec):
+    from serve.scheduler import Scheduler
+    return Scheduler(rt, getattr(spec, "serving", None))  # TODO(merge): spec.serving
