@@ -339,20 +339,24 @@ def create_app(rt: Runtime, scheduler: Scheduler, cfg: ServerConfig) -> FastAPI:
                     "total_tokens": len(prompt_ids) + text.num_tokens}
 
         if not req.stream:
+            async def disconnected() -> None:  # the body is read: the next ASGI message is the disconnect
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+
+            gone = asyncio.ensure_future(disconnected())
             try:
-                while True:
+                done = False
+                while not done:
                     get = asyncio.ensure_future(next_event())
-                    while not get.done():
-                        await asyncio.wait({get}, timeout=0.25)
-                        if not get.done() and await request.is_disconnected():
-                            get.cancel()
-                            raise asyncio.CancelledError
-                    if get.result()[1]:
-                        break
-            except asyncio.CancelledError:
-                scheduler.cancel(job)
-                stats.finished["disconnected"] += 1
-                raise
+                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():  # the client went away: free the row
+                        get.cancel()
+                        scheduler.cancel(job)
+                        stats.finished["disconnected"] += 1
+                        return PlainTextResponse("", status_code=499)
+                    done = get.result()[1]
+            finally:
+                gone.cancel()
             reason = finish_reason()
             choice = {"text": text.take(final=True), "index": 0, "logprobs": None, "finish_reason": reason}
             if req.return_token_ids:

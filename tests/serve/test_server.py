@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -220,6 +221,17 @@ def test_disconnect_mid_stream_frees_the_slot(server, alone):
     cancelled = s["finished_by_reason"].get("cancelled", 0) - s0["finished_by_reason"].get("cancelled", 0)
     assert cancelled == 1
     assert s["tokens_total"] - s0["tokens_total"] < 70
+    # not streamed: the client closes the connection while its job runs
+    raw = json.dumps({**body, "stream": False}).encode()
+    with socket.create_connection((server.host, server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw)
+        deadline = time.monotonic() + 20
+        while server.scheduler.stats()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    s2 = wait_idle(server.scheduler)
+    assert s2["finished_by_reason"].get("cancelled", 0) - s["finished_by_reason"].get("cancelled", 0) == 1
+    assert s2["tokens_total"] - s["tokens_total"] < 70
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 5, **IDS}, headers=AUTH)
     assert r.json()["choices"][0]["token_ids"] == reference(alone, PROMPTS[1], 5)[1]
 
