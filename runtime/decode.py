@@ -78,7 +78,7 @@ class StepState:
     row: int
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests with the same prompt and state are still two rows
 class Request:
     """One request's parameters and decoding state (the engine's row `slot` while it is admitted)."""
 
@@ -96,6 +96,8 @@ class Request:
     sampler: object = None
     """Per-request draft sampler (runtime.sampling.TorchDraftSampler over draft_gen)."""
     t_start: float = 0.0
+    prefilled: int = 0
+    """Prompt tokens whose KV / state is in the cache while the request waits in `Engine.prefilling`."""
 
     @property
     def emitted(self) -> int:
@@ -115,6 +117,9 @@ class Engine:
         self.kv_window, self.prefill_chunk, self.on_step = kv_window, prefill_chunk, on_step
         self.device = next(target.parameters()).device
         self.rows: list[Request] = []
+        """The decoding requests; row b of the cache is rows[b]'s."""
+        self.prefilling: list[Request] = []
+        """Admitted requests whose prompt is still being prefilled, in rows len(rows).. in admission order."""
         self.shapes: Optional[list[tuple]] = [] if record_shapes else None
         """(B, T, S) of every verify forward (record_shapes), else None."""
 
@@ -126,44 +131,90 @@ class Engine:
         return need if self.kv_window == "live" else self.cache.capacity
 
     # ---- admission ---------------------------------------------------------------------------------
-    def add(self, req: Request) -> None:
-        """Prefill `req` into the next free row."""
+    def admit(self, req: Request) -> None:
+        """Reserve the next free row for `req`; its prompt is prefilled by `prefill()` (possibly over several
+        calls, interleaved with steps), after which it joins the decoding rows."""
         if not req.prompt_ids:
             raise InputError("prompt", "is empty after tokenization")
         if len(req.prompt_ids) >= self.max_seq_len:
             raise InputError("prompt", f"{len(req.prompt_ids)} tokens do not fit the context "
                              f"(target.max_seq_len={self.max_seq_len} leaves no room to generate)")
-        assert len(self.rows) < self.capacity_rows, "no free row"
+        assert len(self.rows) + len(self.prefilling) < self.capacity_rows, "no free row"
         req.t_start = time.perf_counter()
-        req.slot = len(self.rows)
+        req.slot = len(self.rows) + len(self.prefilling)
         req.tokens = list(req.prompt_ids)
         req.L = len(req.tokens) - 1
+        req.prefilled = 0
         req.result = DecodeResult([])
         req.sampler = TorchDraftSampler(req.draft_gen)
-        self._prefill(req.slot, req.tokens[:req.L])
-        self.drafter.start(req.slot, req.tokens)
-        self.rows.append(req)
-        req.result.prefill_time = time.perf_counter() - req.t_start
+        self.prefilling.append(req)
+
+    def add(self, req: Request) -> None:
+        """Prefill `req` into the next free row (the whole prompt now)."""
+        self.admit(req)
+        self.prefill()
 
     @torch.inference_mode()
-    def _prefill(self, slot: int, ids: list[int]) -> None:
-        view = self.cache.view_rows(slot, slot + 1)
-        chunk = self.prefill_chunk or len(ids)
-        for lo in range(0, len(ids), max(1, chunk)):
-            part = ids[lo:lo + chunk]
-            T = len(part)
-            block = Block.causal(lo, T, 1, self._kv_len(lo + T), device=self.device)
-            self.target.hidden(torch.tensor([part], device=self.device), block.positions, view, block, num_rows=0)
+    def prefill(self, budget: Optional[int] = None) -> list[Request]:
+        """Prefill waiting requests in admission order, up to `budget` prompt tokens in all (None: every one to
+        the end), in forwards of at most `prefill_chunk` tokens. A request whose prompt is in the cache joins
+        the decoding rows (its drafter row starts then). Returns the requests that joined."""
+        joined = []
+        while self.prefilling and (budget is None or budget > 0):
+            req = self.prefilling[0]
+            t0 = time.perf_counter()
+            n = req.L - req.prefilled
+            if budget is not None:
+                n = min(n, budget)
+                budget -= n
+            chunk = self.prefill_chunk or max(1, n)
+            view = self.cache.view_rows(req.slot, req.slot + 1)
+            for lo in range(req.prefilled, req.prefilled + n, chunk):
+                part = req.tokens[lo:min(lo + chunk, req.prefilled + n)]
+                block = Block.causal(lo, len(part), 1, self._kv_len(lo + len(part)), device=self.device)
+                self.target.hidden(torch.tensor([part], device=self.device), block.positions, view, block, num_rows=0)
+            req.prefilled += n
+            if req.prefilled == req.L:
+                self.prefilling.pop(0)
+                assert req.slot == len(self.rows)
+                self.drafter.start(req.slot, req.tokens)
+                self.rows.append(req)
+                joined.append(req)
+            req.result.prefill_time += time.perf_counter() - t0
+        return joined
+
+    def cancel(self, req: Request) -> None:
+        """Drop a decoding or prefilling request now (stop_reason 'cancelled'); its row is freed."""
+        if req in self.rows:
+            req.result.stop_reason = "cancelled"
+            self._finish(req)
+        elif req in self.prefilling:
+            req.result.stop_reason = "cancelled"
+            j = self.prefilling.index(req)
+            self.prefilling.pop(j)
+            self._shift_prefilling(j, req.slot)
+            req.slot = -1
+
+    def _shift_prefilling(self, j: int, free: int) -> None:
+        """Prefilling requests j.. move down one row each, the first into row `free` (rows stay contiguous)."""
+        for p in self.prefilling[j:]:
+            self.cache.copy_row(p.slot, free)
+            p.slot, free = free, p.slot
 
     # ---- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()  # no autograd bookkeeping at all: measurably less per-op overhead than no_grad on CPU
-    def step(self) -> list[Request]:
-        """One batched step over every admitted request; returns the requests that finished (their rows freed)."""
+    def step(self, depth_limit: Optional[Sequence[int]] = None) -> list[Request]:
+        """One batched step over every decoding request; returns the requests that finished (their rows freed).
+        depth_limit[b]: the most draft levels row b may verify this step (0 = none; the serving policy's
+        speculation length), on top of its remaining budget."""
         rows = self.rows
         B = len(rows)
         t0 = time.perf_counter()
         remaining = [min(r.max_new_tokens - r.emitted, self.max_seq_len - len(r.tokens)) for r in rows]
-        tree = self.drafter.propose(rows, [m - 1 for m in remaining])
+        max_depth = [m - 1 for m in remaining]
+        if depth_limit is not None:
+            max_depth = [min(m, k) for m, k in zip(max_depth, depth_limit)]
+        tree = self.drafter.propose(rows, max_depth)
         t1 = time.perf_counter()
         lengths = [r.L for r in rows]
         block = Block.tree(torch.tensor(lengths), tree, self._kv_len(max(lengths) + tree.T), device=self.device)
@@ -217,6 +268,8 @@ class Engine:
             moved.slot = b
             self.rows[b] = moved
         self.rows.pop()
+        if self.prefilling:
+            self._shift_prefilling(0, last)
         req.slot = -1
 
     # ---- many requests -------------------------------------------------------------------------------

@@ -106,6 +106,13 @@ class TaskKind(str, enum.Enum):
     """Poisson arrivals at each `task.loadtest.rates` against a fresh in-process server per policy; JSON + md + plot."""
 
 
+class ServingPolicy(str, enum.Enum):
+    fixed = "fixed"
+    """Every step verifies the tree up to `serving.k` levels (None: the whole tree)."""
+    smartspec = "smartspec"
+    """Each step picks the speculation length that maximises estimated goodput (SmartSpec, ALGORITHMS.md §5)."""
+
+
 class DistillLoss(str, enum.Enum):
     kl = "kl"
     """KL(target || drafter) of the temperature-softened distributions, times temperature² (Hinton et al.)."""
@@ -465,6 +472,54 @@ class TaskConfig:
             raise ConfigError("task.api_key", "must not be empty (null = no key, or $SPEC_API_KEY)", "")
 
 
+@dataclass
+class ServingConfig:
+    """How the serving scheduler (serve/scheduler.py) batches requests and how far each step speculates."""
+
+    policy: ServingPolicy = ServingPolicy.fixed
+    """fixed: a constant speculation length; smartspec: goodput-adaptive per step."""
+    k: Optional[int] = None
+    """policy=fixed: draft levels verified per step (0 = no speculation; None = the tree's depth)."""
+    max_batch_size: int = 8
+    """Requests decoded together (cache rows); more wait in the queue."""
+    max_queue: int = 64
+    """Requests waiting for a row; one more is refused (HTTP 429)."""
+    prefill_chunk: int = 128
+    """Prompt tokens prefilled per scheduler step, interleaved with decode steps (0 = a whole prompt at once)."""
+    max_k: Optional[int] = None
+    """policy=smartspec: the longest speculation considered (None = the tree's depth)."""
+    alpha_prior: float = 0.7
+    """policy=smartspec: acceptance rate assumed before a request has history (the reference code's α0)."""
+    prior_steps: float = 2.0
+    """policy=smartspec: weight of the prior, in pseudo-observations, in each request's acceptance estimate."""
+    no_spec_bias: float = 1.0
+    """policy=smartspec: goodput of k = 0 is multiplied by this (the reference code uses 1.1)."""
+    profile: Optional[str] = None
+    """policy=smartspec: step-latency profile JSON (None = artifacts/profiles/<plan hash>.json, measured on first use)."""
+    profile_steps: int = 6
+    """policy=smartspec: timed steps per (batch size, k) cell when profiling."""
+
+    def __post_init__(self):
+        if self.k is not None and self.k < 0:
+            raise ConfigError("serving.k", "must be >= 0 (0 = no speculation) or null (the tree's depth)", self.k)
+        if self.max_batch_size < 1:
+            raise ConfigError("serving.max_batch_size", "must be >= 1", self.max_batch_size)
+        if self.max_queue < 0:
+            raise ConfigError("serving.max_queue", "must be >= 0", self.max_queue)
+        if self.prefill_chunk < 0:
+            raise ConfigError("serving.prefill_chunk", "must be >= 0 (0 = whole prompts)", self.prefill_chunk)
+        if self.max_k is not None and self.max_k < 0:
+            raise ConfigError("serving.max_k", "must be >= 0 or null (the tree's depth)", self.max_k)
+        if not 0.0 <= self.alpha_prior < 1.0:
+            raise ConfigError("serving.alpha_prior", "must be in [0, 1)", self.alpha_prior)
+        if self.prior_steps <= 0:
+            raise ConfigError("serving.prior_steps", "must be > 0", self.prior_steps)
+        if self.no_spec_bias <= 0:
+            raise ConfigError("serving.no_spec_bias", "must be > 0", self.no_spec_bias)
+        if self.profile_steps < 1:
+            raise ConfigError("serving.profile_steps", "must be >= 1", self.profile_steps)
+
+
 def _target_arch() -> ModelArch:
     return ModelArch(hidden_size=256, num_layers=4, intermediate_size=768, d_state=32, headdim=32)
 
@@ -626,6 +681,8 @@ class SpecConfig:
     """What to do."""
     train: TrainConfig = MISSING
     """task=train: how the model pair is trained (ignored by the other tasks)."""
+    serving: ServingConfig = MISSING
+    """task=serve / loadtest: batching limits and the speculation-length policy."""
     prompt: Optional[str] = None
     """A prompt given on the command line (default: a built-in one when `prompts` is unset)."""
     prompt_file: Optional[str] = None
@@ -637,6 +694,7 @@ class SpecConfig:
 GROUPS: dict[str, Any] = {
     "target": TargetConfig, "drafter": DrafterConfig, "tree": TreeConfig,
     "sampling": SamplingConfig, "backend": BackendConfig, "task": TaskConfig, "train": TrainConfig,
+    "serving": ServingConfig,
 }
 
 

@@ -1,0 +1,207 @@
+"""Speculation-length policies for the serving scheduler: fixed k, and SmartSpec (ALGORITHMS.md §5).
+
+SmartSpec picks, before each step, the speculation length k (draft levels verified; 0 = none) that
+maximises estimated goodput
+
+    G(k) = sum_i E_i(k) / T(B, k),    E_i(k) = sum_{j=0..min(k, r_i - 1)} alpha_i^j
+
+where alpha_i is request i's per-level acceptance rate (the geometric model: a level is accepted with
+probability alpha_i given the one above was), r_i its remaining budget, and T(B, k) the step latency for B
+rows measured on this machine (`LatencyProfile`, profiled once and saved as JSON).
+
+k is batch-uniform, as in the reference code (dsd.py) and vLLM's Dynamic SD: every row of a step is padded
+to one tree-size bucket and the drafter runs a level for all rows, so a row speculating less than the
+batch maximum saves no time. Per-request acceptance still enters through sum_i E_i(k). The choice is made
+before drafting and never looks at the tokens it gates, so it is lossless whenever the verifier is (§5.3).
+
+alpha_i is the maximum-likelihood estimate under the geometric model, A / (A + R) (A accepted levels, R
+steps that ended in a rejection; steps that accept every level add nothing to R, §5.6), with a prior of
+`prior_steps` pseudo-rejections at rate `alpha_prior`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from spec_compiler.schema import ServingConfig, ServingPolicy
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROFILE_DIR = PROJECT_ROOT / "artifacts" / "profiles"
+
+
+def machine_tag() -> str:
+    """A short fingerprint of the CPU (latency profiles are per machine)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return hashlib.sha256(name.encode()).hexdigest()[:8]
+
+
+@dataclass
+class LatencyProfile:
+    """Median seconds of one engine step (draft + verify + commit) per (batch size, k)."""
+
+    batch_sizes: list[int]
+    ks: list[int]
+    seconds: list[list[float]]
+    """seconds[i][j]: batch_sizes[i] rows, speculation length ks[j]."""
+    meta: dict = field(default_factory=dict)
+    """What was profiled: plan hash, machine, prompt length, steps per cell, date."""
+
+    def predict(self, B: int, k: int) -> float:
+        """T(B, k): exact at profiled batch sizes, linear in B between (and beyond) them; k clamped to the range."""
+        j = min(range(len(self.ks)), key=lambda j: abs(self.ks[j] - k))
+        bs, col = self.batch_sizes, [row[j] for row in self.seconds]
+        if len(bs) == 1:
+            return col[0] * B / bs[0]
+        i = 0
+        while i < len(bs) - 2 and B > bs[i + 1]:
+            i += 1
+        b0, b1, t0, t1 = bs[i], bs[i + 1], col[i], col[i + 1]
+        return max(1e-9, t0 + (t1 - t0) * (B - b0) / (b1 - b0))
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "LatencyProfile":
+        d = json.loads(Path(path).read_text())
+        return cls(d["batch_sizes"], d["ks"], d["seconds"], d.get("meta", {}))
+
+
+def expected_tokens(alpha: float, k: int, remaining: int) -> float:
+    """E[tokens emitted] by one row verifying k levels: 1 + alpha + ... + alpha^k, cut at the remaining budget."""
+    n = max(1, min(k + 1, remaining))
+    if alpha >= 1.0:
+        return float(n)
+    return (1.0 - alpha ** n) / (1.0 - alpha)
+
+
+@dataclass
+class Acceptance:
+    """One request's acceptance history under the geometric model."""
+
+    accepted: int = 0
+    """A: draft levels accepted."""
+    rejected: int = 0
+    """R: steps whose accepted path ended before the tree's depth."""
+
+    def observe(self, accepted: int, depth: int) -> None:
+        if depth <= 0:
+            return
+        self.accepted += accepted
+        self.rejected += accepted < depth
+
+    def alpha(self, prior: float, weight: float) -> float:
+        a0 = weight * prior / (1.0 - prior)  # pseudo-accepts matching `weight` pseudo-rejections at rate `prior`
+        return (self.accepted + a0) / (self.accepted + a0 + self.rejected + weight)
+
+
+class FixedK:
+    """The same speculation length every step (None: the tree's depth)."""
+
+    def __init__(self, k: Optional[int]):
+        self.k = k
+
+    def choose(self, rows: Sequence) -> Optional[int]:
+        return self.k
+
+    def observe(self, rows: Sequence) -> None:
+        pass
+
+
+class SmartSpec:
+    """Goodput-maximising k per step (module docstring)."""
+
+    def __init__(self, profile: LatencyProfile, max_k: int, alpha_prior: float = 0.7, prior_steps: float = 2.0,
+                 no_spec_bias: float = 1.0):
+        self.profile, self.max_k = profile, max_k
+        self.prior, self.weight, self.bias = alpha_prior, prior_steps, no_spec_bias
+        self.k = max_k
+
+    def alphas(self, rows: Sequence) -> list[float]:
+        return [self._stats(r).alpha(self.prior, self.weight) for r in rows]
+
+    @staticmethod
+    def _stats(req) -> Acceptance:
+        if getattr(req, "acceptance", None) is None:
+            req.acceptance = Acceptance()
+        return req.acceptance
+
+    def goodput(self, rows: Sequence, k: int) -> float:
+        """Estimated tokens per second of a step verifying k levels for these rows."""
+        remaining = [r.max_new_tokens - r.emitted for r in rows]
+        e = sum(expected_tokens(a, k, m) for a, m in zip(self.alphas(rows), remaining))
+        return e / self.profile.predict(len(rows), k) * (self.bias if k == 0 else 1.0)
+
+    def choose(self, rows: Sequence) -> int:
+        self.k = max(range(self.max_k + 1), key=lambda k: self.goodput(rows, k))  # no unimodality assumed
+        return self.k
+
+    def observe(self, rows: Sequence) -> None:
+        """After a step: each row's accepted levels against the depth it verified."""
+        for r in rows:
+            res = r.result
+            if res.draft_depths:
+                self._stats(r).observe(res.accepted_drafts[-1], res.draft_depths[-1])
+
+
+def profile_engine(engine, make_request, batch_sizes: Sequence[int], ks: Sequence[int], steps: int,
+                   progress=None) -> LatencyProfile:
+    """Time `steps` engine steps (after one untimed) for every (B, k): B requests from make_request(i), each
+    step verifying k levels. The engine must be empty; it is left empty."""
+    assert not engine.rows and not engine.prefilling
+    seconds = []
+    for B in batch_sizes:
+        row = []
+        for k in ks:
+            reqs = [make_request(i) for i in range(B)]
+            for r in reqs:
+                engine.add(r)
+            times = []
+            for s in range(steps + 1):
+                t0 = time.perf_counter()
+                engine.step([k] * len(engine.rows))
+                times.append(time.perf_counter() - t0)
+                if len(engine.rows) < B:
+                    break
+            for r in list(engine.rows) + list(engine.prefilling):
+                engine.cancel(r)
+            row.append(statistics.median(times[1:] or times))
+            if progress is not None:
+                progress.update(1)
+        seconds.append(row)
+    return LatencyProfile(list(batch_sizes), list(ks), seconds)
+
+
+def profile_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... below max_batch_size, and max_batch_size."""
+    out, b = [], 1
+    while b < max_batch_size:
+        out.append(b)
+        b *= 2
+    return out + [max_batch_size]
+
+
+def make_policy(serving: ServingConfig, tree_depth: int, profile_fn=None):
+    """FixedK or SmartSpec from the config. profile_fn(ks) -> LatencyProfile measures one when none is saved."""
+    if serving.policy is ServingPolicy.fixed or tree_depth == 0:
+        k = serving.k if serving.policy is ServingPolicy.fixed else 0
+        return FixedK(None if k is None else min(k, tree_depth))
+    max_k = tree_depth if serving.max_k is None else min(serving.max_k, tree_depth)
+    return SmartSpec(profile_fn(list(range(max_k + 1))), max_k, serving.alpha_prior, serving.prior_steps,
+                     serving.no_spec_bias)
