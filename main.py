@@ -114,8 +114,9 @@ def run(cfg: Union[DictConfig, SpecConfig]) -> dict:
         result = run_loadtest(spec, job)
     else:
         from runtime.load import load
-        rt = load(plan, spec.task.batch_size)
-        if spec.task.kind is TaskKind.serve:
+        serving = spec.task.kind is TaskKind.serve
+        rt = load(plan, spec.serving.max_batch_size if serving else spec.task.batch_size)
+        if serving:
             from serve.server import run_serve as task
         else:
             task = run_bench if spec.task.kind is TaskKind.bench else run_generate

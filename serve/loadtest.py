@@ -153,9 +153,9 @@ def run_loadtest(cfg: SpecConfig, job) -> dict:
         spec = policy_config(run_overrides, policy, i)
         plan = make_plan(validate(spec, host()))
         plans[policy.name] = {"plan": plan.name, "plan_hash": plan.plan_hash(), "overrides": list(policy.overrides)}
-        rt = load(plan, spec.task.batch_size)  # TODO(merge): serving.max_batch_size
+        rt = load(plan, spec.serving.max_batch_size)
         env = env or _environment(rt)
-        scheduler = Scheduler(rt, getattr(spec, "serving", None))  # TODO(merge): spec.serving
+        scheduler = Scheduler(rt, spec.serving)
         scheduler.start()
         try:
             with BackgroundServer(create_app(rt, scheduler, ServerConfig(plan.name))) as srv:

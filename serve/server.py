@@ -405,6 +405,7 @@ def scheduler_alive(scheduler: Scheduler) -> bool:
 # ---- /metrics ----------------------------------------------------------------------------------------
 METRICS = {  # stats key -> (metric name, type, help)
     "requests_total": ("spec_scheduler_requests_total", "counter", "Requests submitted to the scheduler."),
+    "rejected_total": ("spec_rejected_total", "counter", "Requests refused because the queue was full (HTTP 429)."),
     "tokens_total": ("spec_tokens_generated_total", "counter", "Tokens generated, all requests."),
     "steps": ("spec_steps_total", "counter", "Batched decode steps run."),
     "tau": ("spec_tau", "gauge", "Mean tokens per request per target forward (accepted drafts + 1)."),
@@ -438,6 +439,9 @@ def prometheus_text(s: dict, server: ServerStats) -> str:
             metric(*METRICS[key], [("", value)])
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             metric(f"spec_scheduler_{key}", "gauge", f"Scheduler stat {key}.", [("", value)])
+        elif isinstance(value, str):
+            metric(f"spec_scheduler_{key}_info", "gauge", f"Scheduler setting {key} (the label).",
+                   [(f'{{{key}="{value}"}}', 1)])
     metric("spec_http_responses_total", "counter", "/v1/completions responses by HTTP status.",
            [(f'{{code="{k}"}}', v) for k, v in sorted(server.responses.items())])
     metric("spec_completions_total", "counter", "Completions finished, by OpenAI finish_reason.",
@@ -519,12 +523,13 @@ def run_server(app: FastAPI, sock: socket.socket) -> None:
 
 
 def run_serve(rt: Runtime, cfg, job) -> dict:
-    """task=serve: the scheduler and the HTTP server until Ctrl-C / SIGTERM; returns the final stats."""
+    """task=serve: the scheduler (`serving` group) and the HTTP server until Ctrl-C / SIGTERM; returns the final
+    stats."""
     from spec_compiler.errors import ConfigError
     t = cfg.task
     key = resolve_api_key(t.api_key)
     name = t.served_model_name or rt.plan.name
-    scheduler = Scheduler(rt, getattr(cfg, "serving", None))  # TODO(merge): cfg.serving
+    scheduler = Scheduler(rt, cfg.serving)
     app = create_app(rt, scheduler, ServerConfig(name, key, t.max_body_bytes))
     try:
         sock = bind(t.host, t.port)
@@ -536,7 +541,8 @@ def run_serve(rt: Runtime, cfg, job) -> dict:
         warnings.warn(f"task.host={t.host}: the server is reachable from the network and has no API key "
                       f"(set ${API_KEY_ENV} or task.api_key)", stacklevel=2)
     host, port = sock.getsockname()[:2]
-    print(f"serving {name} on http://{host}:{port}/v1 ({rt.batch_size} requests per step; "
+    print(f"serving {name} on http://{host}:{port}/v1 ({cfg.serving.policy.value} speculation, up to "
+          f"{cfg.serving.max_batch_size} requests per step, {cfg.serving.max_queue} waiting; "
           f"{'API key required' if key else 'no API key'}); Ctrl-C stops", flush=True)
     scheduler.start()
     try:

@@ -40,6 +40,9 @@ def alone(spec):
     return load(plan_of(spec), 1)
 
 
-def make_scheduler(rt, spec):
+def make_scheduler(rt, spec, **serving):
+    """A scheduler over `rt` with the spec's serving config (rows = rt's unless given, other fields overridden)."""
+    import dataclasses
+
     from serve.scheduler import Scheduler
-    return Scheduler(rt, getattr(spec, "serving", None))  # TODO(merge): spec.serving
+    return Scheduler(rt, dataclasses.replace(spec.serving, **{"max_batch_size": rt.batch_size, **serving}))

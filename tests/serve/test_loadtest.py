@@ -11,7 +11,7 @@ import main
 from serve.loadtest import arrivals
 from tests.serve.conftest import SMALL
 
-POLICIES = 'task.loadtest.policies=[{name:none,overrides:["drafter=none"]},{name:k2,overrides:["tree.k=2"]}]'
+POLICIES = 'task.loadtest.policies=[{name:none,overrides:["drafter=none"]},{name:k2,overrides:["serving=fixed","serving.k=2"]}]'
 
 
 def args(tmp_path, *extra):

@@ -208,6 +208,27 @@ def test_oversized_and_too_long_refused_without_harming_others(server, client, a
     assert got["text"] == want
 
 
+def test_full_queue_is_429(runtime, spec, alone):
+    sched = make_scheduler(runtime, spec, max_batch_size=1, max_queue=1)  # own rows; not started: requests wait
+    with BackgroundServer(create_app(runtime, sched, ServerConfig(runtime.plan.name))) as srv:
+        body = {"prompt": PROMPTS[2], "max_tokens": 5, **IDS}
+        got = {}
+        t = threading.Thread(target=lambda: got.update(r=httpx.post(f"{srv.url}/v1/completions", json=body,
+                                                                        timeout=60)))
+        t.start()
+        deadline = time.monotonic() + 20
+        while sched.stats()["queue_length"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error", r.text
+        assert parse_prometheus(httpx.get(f"{srv.url}/metrics").text)["spec_rejected_total"] == 1
+        sched.start()  # the waiting request is served as if nothing happened
+        t.join(timeout=60)
+        assert got["r"].status_code == 200
+        assert got["r"].json()["choices"][0]["token_ids"] == reference(alone, PROMPTS[2], 5)[1]
+    sched.stop()
+
+
 def test_disconnect_mid_stream_frees_the_slot(server, alone):
     s0 = wait_idle(server.scheduler)
     body = {"prompt": PROMPTS[1], "max_tokens": 70, "stream": True, **IDS}  # a chunk per step
@@ -249,7 +270,8 @@ def test_metrics_health_models(server):
     assert m['spec_http_responses_total{code="200"}'] >= 1
     assert re.search(r"^# TYPE spec_tau gauge$", text, re.M)
     data = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"]
-    assert [d["id"] for d in data] == [server.scheduler.rt.plan.name] if hasattr(server.scheduler, "rt") else data
+    assert [d["id"] for d in data] == [server.scheduler.rt.plan.name]
+    assert m['spec_scheduler_policy_info{policy="fixed"}'] == 1
 
 
 def test_task_serve_runs_and_stops_on_sigint(tmp_path):
