@@ -256,7 +256,7 @@ def create_app(rt: Runtime, scheduler: Scheduler, cfg: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not scheduler_alive(scheduler):
+        if not scheduler.alive:
             return JSONResponse({"status": "stopped"}, status_code=503)
         return {"status": "ok"}
 
@@ -370,7 +370,7 @@ def create_app(rt: Runtime, scheduler: Scheduler, cfg: ServerConfig) -> FastAPI:
             return f"data: {json.dumps(obj)}\n\n"
 
         async def stream():
-            done, ids_sent = False, 0
+            done, ids_sent, first_chunk = False, 0, True
             try:
                 while not done:
                     _, done = await next_event()
@@ -378,10 +378,10 @@ def create_app(rt: Runtime, scheduler: Scheduler, cfg: ServerConfig) -> FastAPI:
                     if delta or done or (req.return_token_ids and text.num_tokens > ids_sent):
                         reason = finish_reason() if done else None
                         choice = {"text": delta, "index": 0, "logprobs": None, "finish_reason": reason}
-                        extra = {}
+                        extra = {"prompt_token_ids": prompt_ids} if req.return_token_ids and first_chunk else {}
                         if req.return_token_ids:
                             choice["token_ids"], ids_sent = text.ids[ids_sent:], text.num_tokens
-                            extra = {} if ids_sent > len(choice["token_ids"]) else {"prompt_token_ids": prompt_ids}
+                        first_chunk = False
                         yield sse({**head, **extra, "choices": [choice]} | ({"usage": None} if include_usage else {}))
                 if include_usage:
                     yield sse({**head, "choices": [], "usage": usage()})
@@ -395,11 +395,6 @@ def create_app(rt: Runtime, scheduler: Scheduler, cfg: ServerConfig) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
-
-
-def scheduler_alive(scheduler: Scheduler) -> bool:
-    thread = getattr(scheduler, "thread", None)
-    return thread is None or thread.is_alive()
 
 
 # ---- /metrics ----------------------------------------------------------------------------------------
