@@ -81,6 +81,26 @@ def test_openai_client_greedy_equals_single_request(server, client, alone):
         assert chunks[-1].usage.completion_tokens == len(ids)
 
 
+def test_sampled_equals_single_request_for_the_same_seed(server, client, alone):
+    from runtime.sampling import SamplingParams
+    differs = 0
+    for i, prompt in enumerate(PROMPTS[:4]):
+        t, k, p, seed = (0.7, 1.0, 1.3, 1.0)[i], (0, 8, 0, 3)[i], (1.0, 1.0, 0.9, 0.8)[i], 100 + i
+        req = alone.request(alone.tokenizer.encode(prompt).ids, 20, seed)
+        req.sampling = SamplingParams(t, k, p, alone.sampling.acceptance)
+        want = alone.engine().generate([req])[0].output_ids
+        for stream in (False, True):
+            r = client.completions.create(model=alone.plan.name, prompt=prompt, max_tokens=20, temperature=t,
+                                          top_p=p, seed=seed, stream=stream, extra_body={"top_k": k, **IDS})
+            got = ([x for c in r for x in c.choices[0].model_extra["token_ids"]] if stream
+                   else r.choices[0].model_extra["token_ids"])
+            assert got == want, (prompt, stream)
+        other = client.completions.create(model=alone.plan.name, prompt=prompt, max_tokens=20, temperature=t, top_p=p,
+                                          seed=seed + 1, extra_body={"top_k": k, **IDS})
+        differs += other.choices[0].model_extra["token_ids"] != want
+    assert differs  # the seed matters: these really are sampled
+
+
 def test_greedy_equals_task_generate(server, client, tmp_path, capsys):
     prompts = tmp_path / "q.jsonl"
     prompts.write_text("".join(json.dumps({"question_id": i, "turns": [p]}) + "\n" for i, p in enumerate(PROMPTS)))
