@@ -1,8 +1,9 @@
-"""The OpenAI-compatible server over real HTTP on 127.0.0.1: the `openai` package as the client, streaming and
-not, gives the runtime's single-request greedy output (and task=generate's); stop strings cut the text at the
-first match; every malformed request is a 400 naming the field; a missing or wrong API key is a 401 that
-touches no slot; oversized bodies (413) and too-long prompts (400) leave a concurrent request unharmed; a
-client that leaves mid-stream frees its slot; /metrics, /health and /v1/models answer; task=serve runs."""
+"""The OpenAI-compatible server over real HTTP on 127.0.0.1: the `openai` package as the client, streaming and not,
+gives the runtime's single-request output (greedy; sampled for the same seed) and task=generate's; stop
+strings cut the text at the first match; every malformed request is a 400 naming the field; a missing or
+wrong API key is a 401 that touches no slot; a full queue is a 429; oversized bodies (413) and too-long
+prompts (400) leave a concurrent request unharmed; a client that leaves mid-request frees its slot;
+/metrics, /health and /v1/models answer; task=serve runs and stops on Ctrl-C."""
 from __future__ import annotations
 
 import json
