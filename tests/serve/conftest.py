@@ -46,3 +46,25 @@ def make_scheduler(rt, spec, **serving):
 
     from serve.scheduler import Scheduler
     return Scheduler(rt, dataclasses.replace(spec.serving, **{"max_batch_size": rt.batch_size, **serving}))
+
+
+@pytest.fixture(autouse=True)
+def quiet_logging():
+    """The HTTP clients log every request at INFO, and an in-process main.cli (here or in an earlier test of the
+    same worker) leaves Hydra's logging set up: root at INFO with a file handler into a run folder that may be
+    gone by now. Keep the clients at WARNING, and put back the root logger after each test."""
+    import logging
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    clients = {name: logging.getLogger(name) for name in ("httpx", "httpx2", "openai")}
+    levels = {name: lg.level for name, lg in clients.items()}
+    for lg in clients.values():
+        lg.setLevel(logging.WARNING)
+    yield
+    for h in root.handlers:
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+    for name, lg in clients.items():
+        lg.setLevel(levels[name])
