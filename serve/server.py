@@ -73,8 +73,9 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Optional[StrictStr] = None
     prompt: Union[StrictStr, list[StrictStr]]
-    max_tokens: StrictInt = Field(16, ge=1)
-    """OpenAI's default; generation also stops at EOS and at the context limit (finish_reason "length")."""
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    """None: the server's task.max_new_tokens (16 in conf/task/serve.yaml, OpenAI's default); generation also
+    stops at EOS and at the context limit (finish_reason "length")."""
     temperature: Optional[Union[StrictFloat, StrictInt]] = Field(None, ge=0)
     top_p: Optional[Union[StrictFloat, StrictInt]] = Field(None, gt=0, le=1)
     top_k: Optional[StrictInt] = Field(None, ge=-1)
@@ -217,6 +218,8 @@ class ServerConfig:
     model_name: str
     api_key: Optional[str] = None
     max_body_bytes: int = 1 << 20
+    max_tokens: int = 16
+    """A request's max_tokens when it sends none."""
 
 
 def create_app(rt: Runtime, scheduler: Scheduler, cfg: ServerConfig) -> FastAPI:
@@ -300,7 +303,7 @@ def create_app(rt: Runtime, scheduler: Scheduler, cfg: ServerConfig) -> FastAPI:
                 pass
 
         seed = secrets.randbits(62) if req.seed is None else req.seed
-        job = Job(prompt_ids, req.max_tokens, sampling, seed=seed, on_event=on_event)
+        job = Job(prompt_ids, req.max_tokens or cfg.max_tokens, sampling, seed=seed, on_event=on_event)
         try:
             scheduler.submit(job)
         except QueueFull:
@@ -525,7 +528,7 @@ def run_serve(rt: Runtime, cfg, job) -> dict:
     key = resolve_api_key(t.api_key)
     name = t.served_model_name or rt.plan.name
     scheduler = Scheduler(rt, cfg.serving)
-    app = create_app(rt, scheduler, ServerConfig(name, key, t.max_body_bytes))
+    app = create_app(rt, scheduler, ServerConfig(name, key, t.max_body_bytes, t.max_new_tokens))
     try:
         sock = bind(t.host, t.port)
     except OSError as e:

@@ -185,6 +185,8 @@ def test_malformed_requests_get_400_naming_the_field(server):
         assert server.scheduler.stats()["requests_total"] == before  # nothing reached the scheduler
         r = h.post("/v1/completions", json={"prompt": "def f(x):", "max_tokens": 3})  # still serving
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        r = h.post("/v1/completions", json={"prompt": "def f(x):"})  # max_tokens: the server's default (16)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
 
 
 def test_api_key(server):
