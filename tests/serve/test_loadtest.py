@@ -1,6 +1,7 @@
 """task=loadtest end to end on the tiny pair (two policies, two rates, a few requests): one row per (policy, rate)
 with every request completed, the policies' own plans, tau 1 without a drafter; the report files; a policy
-whose overrides do not compose is a user error naming it. Poisson arrivals have the requested rate."""
+whose overrides do not compose is a user error naming it. Poisson arrivals have the requested rate. Bad
+task=serve / loadtest settings are ConfigErrors naming the key."""
 from __future__ import annotations
 
 import json
@@ -53,3 +54,27 @@ def test_poisson_arrivals():
     assert t[0] == 0 and (gaps > 0).all()
     assert abs(gaps.mean() - 0.2) < 0.02 and abs(gaps.std() - 0.2) < 0.03  # exponential: std == mean
     assert arrivals(5.0, 10, seed=1) == list(t[:10]) and arrivals(5.0, 10, seed=2) != list(t[:10])
+
+
+def test_serve_and_loadtest_settings_are_checked():
+    import pytest
+
+    from spec_compiler.errors import ConfigError
+    from tests.conftest import compose_config
+    bad = {
+        "task.port": ["task=serve", "task.port=70000"],
+        "task.max_body_bytes": ["task=serve", "task.max_body_bytes=10"],
+        "task.api_key": ["task=serve", "task.api_key=' '"],
+        "task.loadtest.rates[1]": ["task=loadtest", "task.loadtest.rates=[1,0]"],
+        "task.loadtest.rates": ["task=loadtest", "task.loadtest.rates=[]"],
+        "task.loadtest.num_requests": ["task=loadtest", "task.loadtest.num_requests=0"],
+        "task.loadtest.policies[1].name": ["task=loadtest", "task.loadtest.policies=[{name:a},{name:a}]"],
+        "task.loadtest.request_timeout_s": ["task=loadtest", "task.loadtest.request_timeout_s=0"],
+    }
+    for key, overrides in bad.items():
+        with pytest.raises(ConfigError) as e:
+            main.to_spec(compose_config(overrides))
+        assert e.value.where == key, (key, e.value)
+    spec = main.to_spec(compose_config(["task=loadtest"], shrink=False))
+    assert [p.name for p in spec.task.loadtest.policies] == ["none", "k1", "k2", "k4", "smartspec"]
+    assert spec.task.host == "127.0.0.1"
