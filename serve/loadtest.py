@@ -11,6 +11,7 @@ loadtest.json, loadtest.md and loadtest.png (latency vs rate).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -152,7 +153,9 @@ def run_loadtest(cfg: SpecConfig, job) -> dict:
     for i, policy in enumerate(lt.policies):
         spec = policy_config(run_overrides, policy, i)
         plan = make_plan(validate(spec, host()))
-        plans[policy.name] = {"plan": plan.name, "plan_hash": plan.plan_hash(), "overrides": list(policy.overrides)}
+        serving = {k: getattr(v, "value", v) for k, v in dataclasses.asdict(spec.serving).items()}
+        plans[policy.name] = {"plan": plan.name, "plan_hash": plan.plan_hash(), "overrides": list(policy.overrides),
+                              "serving": serving}
         rt = load(plan, spec.serving.max_batch_size)
         env = env or _environment(rt)
         scheduler = Scheduler(rt, spec.serving)
@@ -210,6 +213,8 @@ def markdown(report: dict) -> str:
              f"command: `{env['command']}`", "",
              "Policies: " + "; ".join(f"{k} = `{' '.join(v['overrides']) or '(the run config)'}` ({v['plan']})"
                                       for k, v in report["policies"].items()), "",
+             "Serving: " + "; ".join(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v["serving"].items() if b is not None)
+                                     for k, v in report["policies"].items()), "",
              markdown_table(rows, COLS)]
     return "\n".join(lines) + "\n"
 

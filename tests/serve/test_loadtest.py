@@ -21,7 +21,7 @@ def args(tmp_path, *extra):
     return ["target=tiny_random", "drafter=noisy_copy", "tree=chain",
             *[a for a in SMALL if not a.startswith("task=")], "task=loadtest", f"prompts={q}",
             "task.max_new_tokens=6", "task.loadtest.rates=[4,50]", "task.loadtest.num_requests=6",
-            "task.loadtest.warmup=1", "task.batch_size=4", f"hydra.run.dir={tmp_path / 'run'}", *extra]
+            "task.loadtest.warmup=1", "serving.max_batch_size=4", f"hydra.run.dir={tmp_path / 'run'}", *extra]
 
 
 def test_loadtest_reports_every_policy_and_rate(tmp_path, capsys):
