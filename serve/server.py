@@ -72,7 +72,8 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: Optional[StrictStr] = None
-    prompt: Union[StrictStr, list[StrictStr]]
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt]]
+    """A string, a list of one string, or token ids."""
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
     """None: the server's task.max_new_tokens (16 in conf/task/serve.yaml, OpenAI's default); generation also
     stops at EOS and at the context limit (finish_reason "length")."""
@@ -102,7 +103,9 @@ class CompletionRequest(BaseModel):
         """Rules pydantic's field types do not express; raises ApiError(400) naming the field."""
         if self.n != 1:
             raise ApiError(400, f"n: only n=1 is supported (got {self.n}); send one request per completion", "n")
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ApiError(400, "prompt: an empty list", "prompt")
+        if isinstance(self.prompt, list) and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
             raise ApiError(400, f"prompt: a list must hold exactly one string (got {len(self.prompt)}); send one "
                            "request per prompt", "prompt")
         stops = self.stop_list
@@ -123,9 +126,13 @@ class CompletionRequest(BaseModel):
             raise ApiError(400, "stream_options: only allowed with stream=true", "stream_options")
         return self
 
-    @property
-    def text(self) -> str:
-        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+    def prompt_ids(self, tokenizer, vocab_size: int) -> list[int]:
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], str):
+            return tokenizer.encode(self.prompt if isinstance(self.prompt, str) else self.prompt[0]).ids
+        bad = next((t for t in self.prompt if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"prompt: token id {bad} is not in the vocabulary [0, {vocab_size})", "prompt")
+        return list(self.prompt)
 
     @property
     def stop_list(self) -> list[str]:
@@ -281,7 +288,7 @@ def create_app(rt: Runtime, scheduler: Scheduler, cfg: ServerConfig) -> FastAPI:
         if req.model is not None and req.model != cfg.model_name:
             raise ApiError(404, f"model: {req.model!r} is not served here (this server serves {cfg.model_name!r})",
                            "model", "invalid_request_error", "model_not_found")
-        prompt_ids = rt.tokenizer.encode(req.text).ids
+        prompt_ids = req.prompt_ids(rt.tokenizer, rt.target.config.vocab_size)
         if not prompt_ids:
             raise ApiError(400, "prompt: empty after tokenization", "prompt")
         if len(prompt_ids) >= max_len:

@@ -80,6 +80,9 @@ def test_openai_client_greedy_equals_single_request(server, client, alone):
         assert [t for ch in chunks if ch.choices for t in ch.choices[0].model_extra["token_ids"]] == ids
         assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == c.finish_reason
         assert chunks[-1].usage.completion_tokens == len(ids)
+        r = client.completions.create(model=model, prompt=alone.tokenizer.encode(prompt).ids, max_tokens=n,
+                                      extra_body=IDS)  # token ids as the prompt
+        assert r.choices[0].text == want and r.choices[0].model_extra["token_ids"] == ids
 
 
 def test_sampled_equals_single_request_for_the_same_seed(server, client, alone):
@@ -146,6 +149,10 @@ MALFORMED = [  # (body, the field the error must name)
     ({"prompt": 3}, "prompt"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": []}, "prompt"),
+    ({"prompt": [1, 300]}, "prompt"),
+    ({"prompt": [1, -1]}, "prompt"),
+    ({"prompt": [[1, 2]]}, "prompt"),
+    ({"prompt": ["a", 1]}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "a", "max_tokens": "5"}, "max_tokens"),
