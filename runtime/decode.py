@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from runtime.batch import Block
-from runtime.sampling import SamplingParams, TorchDraftSampler, accept
+from runtime.sampling import NodeLogits, SamplingParams, TorchDraftSampler, accept
 from spec_compiler.errors import InputError
 
 
@@ -106,12 +106,16 @@ class Request:
 
 class Engine:
     def __init__(self, target, cache, drafter, *, max_seq_len: int, eos_ids: Sequence[int] = (),
-                 kv_window: str = "live", prefill_chunk: int = 0,
+                 kv_window: str = "live", prefill_chunk: int = 0, verify_head: str = "path",
                  on_step: Optional[Callable[[StepState], None]] = None, record_shapes: bool = False):
         """cache: the target's cache with `cache.rows` rows (the most requests decoded together);
-        prefill_chunk: prompt tokens per prefill forward (0 = the whole prompt in one); record_shapes: keep
+        prefill_chunk: prompt tokens per prefill forward (0 = the whole prompt in one); verify_head: "full" runs
+        the LM head over every tree node of the verify forward, "path" only over the nodes the acceptance
+        walk reaches (`runtime.sampling.NodeLogits`: one head call of B rows per accepted level); record_shapes: keep
         the (B, T, S) of every verify forward in `shapes` (tests of the static-shape contract)."""
         assert kv_window in ("live", "full"), kv_window
+        assert verify_head in ("full", "path"), verify_head
+        self.verify_head = verify_head
         self.target, self.cache, self.drafter = target, cache, drafter
         self.max_seq_len, self.eos = max_seq_len, frozenset(eos_ids)
         self.kv_window, self.prefill_chunk, self.on_step = kv_window, prefill_chunk, on_step
@@ -220,8 +224,12 @@ class Engine:
         block = Block.tree(torch.tensor(lengths), tree, self._kv_len(max(lengths) + tree.T), device=self.device)
         if self.shapes is not None:
             self.shapes.append((B, tree.T, block.S))
-        logits = self.target(tree.tokens.to(self.device), block.positions, self.cache.view_rows(0, B), block)
-        paths, nxt = accept(tree, logits.cpu(), [r.sampling for r in rows], [r.verify_gen for r in rows])
+        args = (tree.tokens.to(self.device), block.positions, self.cache.view_rows(0, B), block)
+        if self.verify_head == "path" and tree.T > 1:
+            logits = NodeLogits(self.target.hidden(*args), self.target.logits)
+        else:
+            logits = self.target(*args).cpu()
+        paths, nxt = accept(tree, logits, [r.sampling for r in rows], [r.verify_gen for r in rows])
         t2 = time.perf_counter()
         self.cache.commit(lengths, paths)
         done = []

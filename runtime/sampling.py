@@ -42,7 +42,7 @@ from spec_compiler.tree import Provenance
 __all__ = ["AcceptanceRule", "ChildKind", "NumericsError", "SamplingParams", "target_probs", "row_target_probs",
            "check_finite", "greedy_token", "child_proposal", "removes_later", "rrs_step", "inverse_cdf",
            "draw_uniforms", "Uniforms", "accept_greedy", "walk_greedy", "accept_sampled", "walk_sampled",
-           "accept", "DraftSampler", "TorchDraftSampler"]
+           "accept", "DraftSampler", "TorchDraftSampler", "NodeLogits", "NodeProbs"]
 
 IID, WOR = int(Provenance.iid), int(Provenance.wor)
 
@@ -231,44 +231,111 @@ class Chooser(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------
+# the target's outputs at tree nodes, all at once or as the walk reaches them
+# ---------------------------------------------------------------------------------------------------
+class NodeLogits:
+    """The target's logits at tree nodes, computed when a walk reaches them: from the verify forward's final
+    hidden states h [B, T, E] and the model's head. A walk stands at one node per row per depth level, so
+    it runs the head over at most B rows per level instead of all B*T nodes up front (the head is the
+    widest matmul of a step). Same logits as the full head, row for row."""
+
+    def __init__(self, h: Tensor, head):
+        self.h, self.head = h, head  # h: [B, T, E]; head: [n, E] -> [n, V] fp32
+
+    @classmethod
+    def of(cls, logits: Tensor) -> "NodeLogits":
+        """Already computed logits [B, T, V] behind the same interface."""
+        out = cls.__new__(cls)
+        out.h, out.head = logits, None
+        return out
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.h.shape[:2])
+
+    def at(self, rows: Tensor, nodes: Tensor) -> Tensor:
+        """rows, nodes: [n] -> [n, V] fp32 logits on the CPU (finite, else NumericsError)."""
+        if self.head is None:
+            out = self.h[rows, nodes]
+        else:
+            dev = self.h.device
+            out = self.head(self.h[rows.to(dev), nodes.to(dev)]).cpu()
+        check_finite(out)
+        return out
+
+    def select_rows(self, idx: Sequence[int]) -> "NodeLogits":
+        out = NodeLogits.__new__(NodeLogits)
+        out.h, out.head = self.h[list(idx)], self.head
+        return out
+
+
+class NodeProbs:
+    """Target distributions q at tree nodes, from `NodeLogits` under each row's sampling parameters."""
+
+    def __init__(self, logits: NodeLogits, params: Sequence[SamplingParams]):
+        self.logits, self.params = logits, list(params)
+
+    def at(self, rows: Tensor, nodes: Tensor) -> Tensor:
+        """rows, nodes: [n] -> q [n, V] float64."""
+        lg = self.logits.at(rows, nodes)
+        return row_target_probs(lg[:, None], [self.params[b] for b in rows.tolist()])[:, 0]
+
+
+def _node_logits(logits) -> NodeLogits:
+    return logits if isinstance(logits, NodeLogits) else NodeLogits.of(logits)
+
+
+# ---------------------------------------------------------------------------------------------------
 # greedy acceptance
 # ---------------------------------------------------------------------------------------------------
-def accept_greedy(tree: TreeBatch, logits: Tensor) -> tuple[list[list[int]], list[int]]:
-    """Greedy acceptance of every row at once. logits [B, T, V]: the target's logits at each node.
+def accept_greedy(tree: TreeBatch, logits) -> tuple[list[list[int]], list[int]]:
+    """Greedy acceptance of every row at once. logits: [B, T, V] or `NodeLogits` (the target's at each node).
 
-    y = argmax per node (lowest id on ties); a node matches iff it is real and its token is y at its
-    parent; of matching siblings only the first (lowest id) is followed; the accepted nodes are those whose
-    whole root path is followed, and the deepest one ends the path. Returns per row (accepted path of node
-    ids, root first) and the next token (recovered or bonus): `walk_greedy` row by row.
+    Level by level from the root: y = argmax at the row's current node (lowest id on ties); the walk moves
+    to the first child (lowest id) whose token is y, else stops and emits y (the recovered / bonus token).
+    Returns per row (accepted path of node ids, root first) and the next token: `walk_greedy` row by row.
+    Logits are read only at the nodes the walk stands on (at most B rows per level).
     """
+    nl = _node_logits(logits)
     B, T = tree.tokens.shape
-    if B == 1 and T > 1:  # one row: the walk (argmax at the path's nodes only) is measured ~3x cheaper
-        path, y = walk_greedy(tree, 0, logits[0])
-        return [path], [y]
-    check_finite(logits)
-    y = torch.argmax(logits, dim=-1)  # [B, T]
+    rows = torch.arange(B)
     if T == 1:  # root-only trees (an autoregressive step): nothing to match
-        return [[0] for _ in range(B)], y[:, 0].tolist()
-    par = tree.parents
-    y_par = y.gather(1, par.clamp(min=0))
-    match = tree.valid & (par >= 0) & (tree.tokens == y_par)  # [B, T]
-    ids = torch.arange(T)
-    earlier = match[:, None, :] & (par[:, None, :] == par[:, :, None]) & (ids[None, :] < ids[:, None])[None]
-    followed = (match & ~earlier.any(-1)) | (ids == 0)[None]  # [B, T]; the root counts as followed
-    accepted = ~(tree.anc & ~followed[:, None, :]).any(-1) & tree.valid  # [B, T]: every node on the path followed
-    deepest = torch.argmax(torch.where(accepted, tree.depth, -1), dim=1)  # [B]
-    nxt = y.gather(1, deepest[:, None])[:, 0]
-    acc = accepted.tolist()
-    return [[i for i in range(T) if row[i]] for row in acc], nxt.tolist()
+        return [[0] for _ in range(B)], torch.argmax(nl.at(rows, torch.zeros(B, dtype=torch.long)), -1).tolist()
+    if B == 1:  # one row: the walk with Python ints is cheaper than tensor bookkeeping
+        return tuple([x] for x in walk_greedy(tree, 0, nl))
+    cur = torch.zeros(B, dtype=torch.long)
+    active = torch.ones(B, dtype=torch.bool)
+    nxt_tok = torch.zeros(B, dtype=torch.long)
+    paths = [[0] for _ in range(B)]
+    while active.any():
+        idx = rows[active]
+        y = torch.argmax(nl.at(idx, cur[idx]), dim=-1)  # [n]
+        sub_cur = cur[idx]
+        kid = tree.valid[idx] & (tree.parents[idx] == sub_cur[:, None]) & (tree.tokens[idx] == y[:, None])
+        has = kid.any(1)
+        first = torch.argmax(kid.to(torch.uint8), dim=1)  # lowest matching id
+        nxt_tok[idx] = y
+        cur[idx] = torch.where(has, first, sub_cur)
+        for b, h, c in zip(idx.tolist(), has.tolist(), first.tolist()):
+            if h:
+                paths[b].append(c)
+        active[idx] = has
+    return paths, nxt_tok.tolist()
 
 
-def walk_greedy(tree: TreeBatch, b: int, logits: Tensor) -> tuple[list[int], int]:
-    """Reference for row b of `accept_greedy`: walk down from the root. logits [T, V] (row b's)."""
-    check_finite(logits)
+def walk_greedy(tree: TreeBatch, b: int, logits) -> tuple[list[int], int]:
+    """Reference for row b of `accept_greedy`: walk down from the root. logits: row b's [T, V], or the
+    batch's `NodeLogits`."""
+    if isinstance(logits, NodeLogits):
+        row = torch.tensor([b])
+        at = lambda node: logits.at(row, torch.tensor([node]))[0]  # noqa: E731
+    else:
+        check_finite(logits)
+        at = lambda node: logits[node]  # noqa: E731
     topo, tokens = tree.topologies[b], tree.row_tokens(b)
     node, path = 0, [0]
     while True:
-        y = int(torch.argmax(logits[node]))
+        y = int(torch.argmax(at(node)))
         nxt = next((c for c in topo.children[node] if tokens[c] == y), None)
         if nxt is None:
             return path, y
@@ -279,16 +346,20 @@ def walk_greedy(tree: TreeBatch, b: int, logits: Tensor) -> tuple[list[int], int
 # ---------------------------------------------------------------------------------------------------
 # sampled acceptance (RRS, or sample-and-match)
 # ---------------------------------------------------------------------------------------------------
-def accept_sampled(tree: TreeBatch, q: Tensor, rule: AcceptanceRule, u: Optional[Tensor] = None,
+def accept_sampled(tree: TreeBatch, q, rule: AcceptanceRule, u: Optional[Tensor] = None,
                    chooser: Optional[Chooser] = None) -> tuple[list[list[int]], list[int]]:
     """Sampled acceptance of every row at once (§0.2 walk, §0.3 node rule), depth level by level and
-    sibling by sibling, rows as tensors. q [B, T, V] float64: the target's distributions; u [B, >= T]
-    float64 uniforms (`draw_uniforms`), or a `chooser` deciding instead. Returns what `walk_sampled` returns
-    row by row."""
+    sibling by sibling, rows as tensors. q: [B, T, V] float64, the target's distributions, or `NodeProbs`
+    (computed at the nodes the walk reaches); u [B, >= T] float64 uniforms (`draw_uniforms`), or a
+    `chooser` deciding instead. Returns what `walk_sampled` returns row by row."""
     ch = chooser if chooser is not None else Uniforms(u)
-    B, T, V = q.shape
+    B, T = tree.tokens.shape
+    rows = torch.arange(B)
+    q_at = q.at if isinstance(q, NodeProbs) else (lambda r, n: q[r, n])
+    q_cur = q_at(rows, torch.zeros(B, dtype=torch.long))  # [B, V] at each row's current node
+    V = q_cur.shape[-1]
     assert u is None or (u.shape[0] == B and u.shape[1] >= T), (tuple(u.shape), B, T)
-    rows, ids = torch.arange(B), torch.arange(T)
+    ids = torch.arange(T)
     topos = tree.topologies
     levels = max(t.max_depth for t in topos)
     width = max(max(len(c) for c in t.children) for t in topos)  # most children of one node
@@ -296,13 +367,13 @@ def accept_sampled(tree: TreeBatch, q: Tensor, rule: AcceptanceRule, u: Optional
     active = torch.ones(B, dtype=torch.bool)  # rows still walking
     path = torch.full((B, levels + 1), -1, dtype=torch.long)
     path[:, 0] = 0
-    res = q[:, 0]  # [B, V] residual at the current node
+    res = q_cur  # [B, V] residual at the current node
     tok = torch.zeros(B, dtype=torch.long)  # sample-match: the draw the row stopped on
     zeros = torch.zeros(B, V, dtype=torch.float64)
     for d in range(levels + 1):
         kid = tree.valid & (tree.parents == cur[:, None])  # [B, T]: children of the current node
         if rule is AcceptanceRule.sample_match:
-            y = ch.draw(q[rows, cur], cur, active)
+            y = ch.draw(q_cur, cur, active)
             match = kid & (tree.tokens == y[:, None])
             nxt = torch.where(match.any(1), torch.argmax(match.to(torch.uint8), dim=1), -1)  # first match
             tok = torch.where(active & (nxt < 0), y, tok)
@@ -328,7 +399,11 @@ def accept_sampled(tree: TreeBatch, q: Tensor, rule: AcceptanceRule, u: Optional
         cur = torch.where(go, nxt, cur)
         if d < levels:
             path[:, d + 1] = torch.where(go, cur, -1)
-        res = torch.where(go[:, None], q[rows, cur], res)  # stopped rows keep their residual
+        if go.any() and (d < levels or rule is AcceptanceRule.sample_match):
+            moved = rows[go]
+            q_cur = q_cur.clone()
+            q_cur[moved] = q_at(moved, cur[moved])
+            res = torch.where(go[:, None], q_cur, res)  # stopped rows keep their residual
         active = go
     if rule is not AcceptanceRule.sample_match:
         tok = ch.final(res)
@@ -381,7 +456,7 @@ def accept(tree: TreeBatch, logits: Tensor, params: Sequence[SamplingParams],
            gens: Sequence[Optional[torch.Generator]]) -> tuple[list[list[int]], list[int]]:
     """Acceptance of a mixed batch: greedy rows (temperature 0) by `accept_greedy`, sampled rows by
     `accept_sampled` against their own target distribution (`row_target_probs`), rule and generator
-    (`draw_uniforms`; greedy rows draw nothing). logits [B, T, V]."""
+    (`draw_uniforms`; greedy rows draw nothing). logits: [B, T, V] or `NodeLogits`."""
     B = len(params)
     paths: list = [None] * B
     nxt: list = [None] * B
@@ -390,11 +465,12 @@ def accept(tree: TreeBatch, logits: Tensor, params: Sequence[SamplingParams],
         groups.setdefault(None if sp.greedy else AcceptanceRule(sp.acceptance), []).append(b)
     for rule, idx in groups.items():
         sub = tree if len(idx) == B else tree.select_rows(idx)
-        lg = logits if len(idx) == B else logits[idx]
+        lg = logits if len(idx) == B else (logits.select_rows(idx) if isinstance(logits, NodeLogits) else logits[idx])
         if rule is None:
             out = accept_greedy(sub, lg)
         else:
-            q = row_target_probs(lg, [params[b] for b in idx])
+            sub_params = [params[b] for b in idx]
+            q = NodeProbs(lg, sub_params) if isinstance(lg, NodeLogits) else row_target_probs(lg, sub_params)
             out = accept_sampled(sub, q, rule, draw_uniforms([gens[b] for b in idx], tree.T))
         for b, pth, y in zip(idx, *out):
             paths[b], nxt[b] = pth, y

@@ -135,7 +135,8 @@ class Scheduler:
             if set(ks) <= set(prof.ks) and prof.batch_sizes[-1] >= self.serving.max_batch_size:
                 return prof
         sizes = profile_batch_sizes(self.serving.max_batch_size)
-        ids = (self._profile_ids * 64)[:64]
+        # A context of 256 tokens (or half the window): the step cost grows with the context attended over.
+        ids = (self._profile_ids * 256)[:min(256, self.rt.plan.max_seq_len // 2)]
         budget = (max(ks) + 1) * (self.serving.profile_steps + 2)
         n = min(budget, self.rt.plan.max_seq_len - len(ids) - 1)
 

@@ -88,6 +88,8 @@ class Plan:
     """KV slots: max_seq_len plus one tree's worth of scratch slots."""
     kv_window: str = "live"
     """Attention window per forward: live | full (runtime.decode)."""
+    verify_head: str = "path"
+    """Where the verify forward runs the LM head: path | full (runtime.decode.Engine)."""
     tree_buckets: tuple[int, ...] = (1,)
     """Tree sizes a verify forward is padded to (powers of two below the tree size, and the size)."""
     vocab_trim: Optional[VocabTrimPlan] = None
@@ -192,6 +194,7 @@ def make_plan(resolved: Resolved) -> Plan:
         max_seq_len=cfg.target.max_seq_len,
         cache_capacity=cfg.target.max_seq_len + topo.n,
         kv_window=cfg.backend.kv_window.value,
+        verify_head=cfg.backend.verify_head.value,
         tree_buckets=tree_buckets(topo.n),
         vocab_trim=_vocab_trim_plan(resolved),
         cpu_transforms=_cpu_transforms(resolved, resolved.device),

@@ -88,6 +88,13 @@ class KVWindow(str, enum.Enum):
     """Attend over the whole cache capacity: fixed shapes per (batch, tree) bucket, for compiled phases."""
 
 
+class VerifyHead(str, enum.Enum):
+    path = "path"
+    """The LM head runs only at the tree nodes the acceptance walk reaches (B rows per accepted level)."""
+    full = "full"
+    """The LM head runs at every tree node of the verify forward (one [B*T, V] matmul)."""
+
+
 class BackendKind(str, enum.Enum):
     eager = "eager"
     """Plain torch on CPU or GPU; the reference backend."""
@@ -359,6 +366,9 @@ class BackendConfig:
     """Load-time CPU fast paths (ignored, with a warning when set, on cuda)."""
     kv_window: KVWindow = KVWindow.live
     """Attention window per forward: live (measured faster in CPU eager) or full (static shapes)."""
+    verify_head: VerifyHead = VerifyHead.path
+    """Where the verify forward runs the LM head: path (the nodes the walk reaches; measured faster on CPU,
+    benchmarks/cpu/verify_head.md) or full (every node)."""
 
 
 @dataclass

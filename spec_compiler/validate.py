@@ -217,6 +217,7 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
                           "(at most half the context)")
     kind = _child_kind(cfg)
     _check_sampling(cfg, topo, kind)
+    _check_serving(cfg, topo)
 
     given = [k for k in ("prompt", "prompt_file", "prompts") if getattr(cfg, k) is not None]
     if len(given) > 1:
@@ -235,6 +236,19 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
     _check_cpu_transforms(cfg, device)
     return Resolved(cfg, target_arch, drafter_arch, topo, kind, cfg.sampling.acceptance, device,
                     host.cuda_device if device == "cuda" else "cpu")
+
+
+def _check_serving(cfg: SpecConfig, topo: TreeTopology) -> None:
+    """Serving settings that cannot act (task=serve / loadtest only: the other tasks ignore the group)."""
+    if cfg.task.kind.value not in ("serve", "loadtest"):
+        return
+    sv, depth = cfg.serving, (0 if cfg.drafter.kind is DrafterKind.none else topo.max_depth)
+    if sv.policy.value == "smartspec" and depth == 0:
+        _warn("serving.policy", "smartspec has nothing to choose with drafter=none (every step is autoregressive)")
+    for key in ("k", "max_k"):
+        v = getattr(sv, key)
+        if v is not None and v > depth:
+            _warn(f"serving.{key}", f"{v} exceeds the tree's depth ({depth}): steps verify at most {depth} levels")
 
 
 def _device(cfg: SpecConfig, host: Host) -> str:

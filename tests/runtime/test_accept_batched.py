@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from runtime.batch import TreeBatch
-from runtime.sampling import (AcceptanceRule, SamplingParams, accept, accept_greedy, accept_sampled, draw_uniforms,
+from runtime.sampling import (AcceptanceRule, NodeLogits, SamplingParams, accept, accept_greedy, accept_sampled, draw_uniforms,
                               row_target_probs, target_probs, walk_greedy, walk_sampled)
 from spec_compiler.tree import Provenance, TreeTopology
 
@@ -158,3 +158,32 @@ def test_accept_mixed_batch():
             q = target_probs(logits[b], sp.temperature, sp.top_k, sp.top_p)
             want = walk_sampled(tree, b, q, sp.acceptance, u)
         assert (paths[b], nxt[b]) == want
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_path_head_decides_like_the_full_head(seed):
+    """`NodeLogits` (the head run only at the nodes the walks reach, `Engine(verify_head="path")`) gives the
+    same paths and tokens as logits computed at every node, for mixed greedy / sampled batches; and it runs
+    the head over fewer rows than B*T."""
+    tree, _, _ = random_batch(100 + seed, 9, V=7)
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(9, tree.T, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(7, 5, generator=g, dtype=torch.float64) * 2
+    seen = []
+
+    def head(x):
+        seen.append(x.shape[0])
+        return (x @ w.T).float()
+
+    modes = [SamplingParams(), SamplingParams(1.0), SamplingParams(0.8, top_k=3, acceptance=A.sample_match),
+             SamplingParams(1.2, top_p=0.9)]
+    params = [modes[(b + seed) % 4] for b in range(9)]
+
+    def gens():
+        return [torch.Generator().manual_seed(b) if not sp.greedy else None for b, sp in enumerate(params)]
+
+    full = accept(tree, head(h), params, gens())
+    seen.clear()
+    lazy = accept(tree, NodeLogits(h, head), params, gens())
+    assert lazy == full
+    assert sum(seen) <= 9 * (max(t.max_depth for t in tree.topologies) + 1)
