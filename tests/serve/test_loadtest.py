@@ -20,7 +20,7 @@ def args(tmp_path, *extra):
     q.write_text("".join(json.dumps({"question_id": i, "turns": [f"def f{i}(x):"]}) + "\n" for i in range(5)))
     return ["target=tiny_random", "drafter=noisy_copy", "tree=chain",
             *[a for a in SMALL if not a.startswith("task=")], "task=loadtest", f"prompts={q}",
-            "task.max_new_tokens=6", "task.loadtest.rates=[4,50]", "task.loadtest.num_requests=6",
+            "task.max_new_tokens=5", "task.loadtest.rates=[4,50]", "task.loadtest.num_requests=4",
             "task.loadtest.warmup=1", "serving.max_batch_size=4", f"hydra.run.dir={tmp_path / 'run'}", *extra]
 
 
@@ -31,9 +31,9 @@ def test_loadtest_reports_every_policy_and_rate(tmp_path, capsys):
     rows = report["rows"]
     assert [(r["policy"], r["rate"]) for r in rows] == [("none", 4.0), ("none", 50.0), ("k2", 4.0), ("k2", 50.0)]
     for r in rows:
-        assert r["completed"] == 6 and r["failed"] == 0
+        assert r["completed"] == 4 and r["failed"] == 0
         assert 0 < r["ttft_mean"] <= r["latency_mean"] and r["latency_p50"] <= r["latency_p99"]
-        assert r["completion_tokens"] == 6 * 6 and r["throughput_tok_s"] > 0
+        assert r["completion_tokens"] == 4 * 5 and r["throughput_tok_s"] > 0
     assert all(r["tau"] == 1.0 for r in rows if r["policy"] == "none")
     assert "-ar-" in report["policies"]["none"]["plan"] and "-chain-" in report["policies"]["k2"]["plan"]
     assert min(r["vs_best"] for r in rows) == 1.0
@@ -64,12 +64,9 @@ def test_serve_and_loadtest_settings_are_checked():
     bad = {
         "task.port": ["task=serve", "task.port=70000"],
         "task.max_body_bytes": ["task=serve", "task.max_body_bytes=10"],
-        "task.api_key": ["task=serve", "task.api_key=' '"],
         "task.loadtest.rates[1]": ["task=loadtest", "task.loadtest.rates=[1,0]"],
-        "task.loadtest.rates": ["task=loadtest", "task.loadtest.rates=[]"],
         "task.loadtest.num_requests": ["task=loadtest", "task.loadtest.num_requests=0"],
         "task.loadtest.policies[1].name": ["task=loadtest", "task.loadtest.policies=[{name:a},{name:a}]"],
-        "task.loadtest.request_timeout_s": ["task=loadtest", "task.loadtest.request_timeout_s=0"],
     }
     for key, overrides in bad.items():
         with pytest.raises(ConfigError) as e:
