@@ -81,9 +81,11 @@ def requests(sampling: list[SamplingParams], seeds=(0, 1, 2, 3, 4)) -> list[Requ
             for p, n, sp, s in zip(prompts(), BUDGETS, sampling, seeds)]
 
 
-def run(target, kind, topo, reqs, rows, child=ChildKind.deterministic, kv_window="live", on_step=None, eos=()):
+def run(target, kind, topo, reqs, rows, child=ChildKind.deterministic, kv_window="live", on_step=None, eos=(),
+        verify_head="path"):
     eng = Engine(target, new_cache(target, rows, topo), make_drafter(kind, target, topo, rows, child, kv_window),
-                 max_seq_len=MAX_SEQ, eos_ids=eos, kv_window=kv_window, on_step=on_step, record_shapes=True)
+                 max_seq_len=MAX_SEQ, eos_ids=eos, kv_window=kv_window, on_step=on_step, record_shapes=True,
+                 verify_head=verify_head)
     return eng, eng.generate(reqs)
 
 
@@ -112,6 +114,17 @@ def test_greedy_batch_equals_alone_and_autoregressive(target, greedy_reference, 
 
 MIXED = [SamplingParams(0.8), SamplingParams(), SamplingParams(1.0, top_k=5), SamplingParams(0.6, top_p=0.9),
          SamplingParams(1.2)]
+
+
+def test_verify_head_path_equals_full(target):
+    """The head at the walk's nodes only (verify_head=path, the default) and at every node (full) decide alike:
+    a mixed greedy / sampled batch gives the same tokens, step for step."""
+    _, model = target
+    topo = TREES["static21"]
+    out = {h: [(r.output_ids, r.accept_lengths) for r in
+               run(model, "noisy_copy", topo, requests(MIXED), rows=3, child=ChildKind.wor, verify_head=h)[1]]
+           for h in ("path", "full")}
+    assert out["path"] == out["full"]
 
 
 @pytest.mark.parametrize("tree,child", [("chain3", ChildKind.iid), ("static21", ChildKind.wor),
