@@ -109,10 +109,18 @@ def run(cfg: Union[DictConfig, SpecConfig]) -> dict:
     if spec.task.kind is TaskKind.train:
         from training.train import run_train
         return run_train(spec.train, command=" ".join(hydra_overrides()))
-    from runtime.load import load
-    rt = load(plan, spec.task.batch_size)
-    task = run_bench if spec.task.kind is TaskKind.bench else run_generate
-    result = task(rt, spec, job)
+    if spec.task.kind is TaskKind.loadtest:  # a fresh server (own plan, own runtime) per policy
+        from serve.loadtest import run_loadtest
+        result = run_loadtest(spec, job)
+    else:
+        from runtime.load import load
+        serving = spec.task.kind is TaskKind.serve
+        rt = load(plan, spec.serving.max_batch_size if serving else spec.task.batch_size)
+        if serving:
+            from serve.server import run_serve as task
+        else:
+            task = run_bench if spec.task.kind is TaskKind.bench else run_generate
+        result = task(rt, spec, job)
     result["overrides"] = " ".join(hydra_overrides())
     (job.out / "result.json").write_text(json.dumps(result, indent=2))
     return result

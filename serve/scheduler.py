@@ -193,6 +193,11 @@ class Scheduler:
             self._thread.join()
             self._thread = None
 
+    @property
+    def alive(self) -> bool:
+        """The scheduler thread is running (GET /health)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stats(self) -> dict:
         """The metrics /metrics exposes."""
         s = self.counters

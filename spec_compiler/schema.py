@@ -107,6 +107,10 @@ class TaskKind(str, enum.Enum):
     """Run the autoregressive baseline and the configured method on the same prompts; write JSON + markdown."""
     train = "train"
     """Train the target and distill the drafter per the `train` group; the inference groups are ignored."""
+    serve = "serve"
+    """An OpenAI-compatible HTTP server (serve/server.py) over the continuous-batching scheduler."""
+    loadtest = "loadtest"
+    """Poisson arrivals at each `task.loadtest.rates` against a fresh in-process server per policy; JSON + md + plot."""
 
 
 class ServingPolicy(str, enum.Enum):
@@ -368,6 +372,58 @@ class BackendConfig:
 
 
 @dataclass
+class LoadPolicy:
+    """One server configuration the load benchmark measures."""
+
+    name: str = MISSING
+    """Label in the report (e.g. k2, smartspec)."""
+    overrides: list[str] = field(default_factory=list)
+    """Hydra overrides applied after the run's own (`drafter=none`, `tree.k=2`, `serving=smartspec`)."""
+
+
+def _default_policies() -> list[LoadPolicy]:
+    return [LoadPolicy("none", ["drafter=none"])]
+
+
+@dataclass
+class LoadTestConfig:
+    """task=loadtest: per policy a fresh server on 127.0.0.1 (a free port), then per rate `num_requests`
+    streamed requests with Poisson arrivals, prompts drawn from the run's prompt file."""
+
+    rates: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    """Request rates to measure, requests per second."""
+    num_requests: int = 32
+    """Requests sent at each rate."""
+    policies: list[LoadPolicy] = field(default_factory=_default_policies)
+    """The server configurations compared side by side (conf/task/loadtest.yaml lists none, k1, k2, k4, smartspec)."""
+    warmup: int = 2
+    """Untimed requests sent one by one to each fresh server before its first rate."""
+    seed: int = 0
+    """Seeds the arrival times and the prompt order (the same for every policy)."""
+    request_timeout_s: float = 600.0
+    """A request not finished after this long counts as failed."""
+
+    def __post_init__(self):
+        if not self.rates:
+            raise ConfigError("task.loadtest.rates", "must list at least one request rate", list(self.rates))
+        for i, r in enumerate(self.rates):
+            if not r > 0:
+                raise ConfigError(f"task.loadtest.rates[{i}]", "must be > 0 (requests per second)", r)
+        if self.num_requests < 1:
+            raise ConfigError("task.loadtest.num_requests", "must be >= 1", self.num_requests)
+        if not self.policies:
+            raise ConfigError("task.loadtest.policies", "must list at least one policy", [])
+        names = [p.name for p in self.policies]
+        for i, n in enumerate(names):
+            if not n or names.index(n) != i:
+                raise ConfigError(f"task.loadtest.policies[{i}].name", "must be non-empty and unique", n)
+        if self.warmup < 0:
+            raise ConfigError("task.loadtest.warmup", "must be >= 0", self.warmup)
+        if not self.request_timeout_s > 0:
+            raise ConfigError("task.loadtest.request_timeout_s", "must be > 0", self.request_timeout_s)
+
+
+@dataclass
 class TaskConfig:
     kind: TaskKind = TaskKind.generate
     """What main.py does."""
@@ -390,6 +446,19 @@ class TaskConfig:
     resume: bool = False
     """generate: continue an existing answers file, skipping the questions it already answers (without it, an
     existing answers file is refused, never overwritten)."""
+    host: str = "127.0.0.1"
+    """serve: address to listen on (loopback by default; 0.0.0.0 exposes the server to the network)."""
+    port: int = 8000
+    """serve: TCP port (0 = a free one, printed at start)."""
+    api_key: Optional[str] = None
+    """serve: clients must send `Authorization: Bearer <api_key>`; None = $SPEC_API_KEY, and no key when unset.
+    Prefer the environment variable: a key given here is saved in the run's .hydra/config.yaml."""
+    max_body_bytes: int = 1048576
+    """serve: largest request body accepted (bigger: 413)."""
+    served_model_name: Optional[str] = None
+    """serve: the model id /v1/models reports and requests may name; None = the plan's name."""
+    loadtest: LoadTestConfig = field(default_factory=LoadTestConfig)
+    """task=loadtest settings."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -405,6 +474,12 @@ class TaskConfig:
         for i, b in enumerate(self.batch_sizes):
             if b < 1:
                 raise ConfigError(f"task.batch_sizes[{i}]", "must be >= 1", b)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("task.port", "must be in [0, 65535] (0 = a free port)", self.port)
+        if self.max_body_bytes < 1024:
+            raise ConfigError("task.max_body_bytes", "must be >= 1024", self.max_body_bytes)
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("task.api_key", "must not be empty (null = no key, or $SPEC_API_KEY)", "")
 
 
 @dataclass
