@@ -116,11 +116,13 @@ def policy_config(cfg_overrides: list[str], policy: LoadPolicy, index: int) -> S
     """The run's config with the policy's overrides after the run's own (Hydra composition, as on the CLI)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     import main
     overrides = list(cfg_overrides) + list(policy.overrides)
+    saved = HydraConfig.instance().cfg  # compose() replaces the job's Hydra config, which lacks runtime.output_dir
     try:
         if GlobalHydra.instance().is_initialized():  # inside a Hydra job
             composed = compose(config_name="config", overrides=overrides)
@@ -130,6 +132,8 @@ def policy_config(cfg_overrides: list[str], policy: LoadPolicy, index: int) -> S
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"task.loadtest.policies[{index}].overrides", f"does not compose: {e}".split("\n")[0],
                           list(policy.overrides)) from None
+    finally:
+        HydraConfig.instance().cfg = saved
     return main.to_spec(composed)
 
 
