@@ -98,10 +98,10 @@ class ModelDrafter:
                             rows, self.s2t, self.kv_window, cache, self.policy)
 
     # ---- drafting ------------------------------------------------------------------------------------
-    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+    def _probs(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """[..., Vd] logits -> [..., V] float64 proposal over target ids (zero for ids the drafter's head lacks:
-        beyond its vocabulary, or trimmed away)."""
-        p = torch.softmax(logits.to(torch.float64) / self.temperature, dim=-1).cpu()
+        beyond its vocabulary, or trimmed away), at the drafter's temperature unless given."""
+        p = torch.softmax(logits.to(torch.float64) / (temperature or self.temperature), dim=-1).cpu()
         if self.s2t is not None:
             return torch.zeros(*p.shape[:-1], self.vocab, dtype=torch.float64).index_copy_(-1, self.s2t, p)
         if p.shape[-1] < self.vocab:
@@ -230,7 +230,9 @@ class ModelDrafter:
         fed = [[0] for _ in range(B)]
         view = self.cache.view_rows(0, B)
         while True:
-            p = self._probs(logits) if logits is not None else None  # [B, m, V]: distributions at the nodes just fed
+            # [B, m, V]: distributions at the nodes just fed (top-k children: at the policy's value temperature)
+            p = self._probs(logits, None if sampled else getattr(self.policy, "value_temperature", None)) \
+                if logits is not None else None
             feed: list[list[int]] = []
             grew = False
             for b, g in enumerate(grown):

@@ -126,7 +126,7 @@ def grown_policy(plan: Plan) -> Policy:
     if g is None:
         return None
     if g.policy == "dynamic":
-        return DynamicTree(g.num_nodes, g.max_depth, g.threshold, g.expand_per_round)
+        return DynamicTree(g.num_nodes, g.max_depth, g.threshold, g.expand_per_round, g.value_temperature)
     return BeamTree(g.beam_width, g.beam_depth)
 
 

@@ -50,6 +50,11 @@ class DynamicTree:
     """Stop when the best child position's value (path-probability estimate) is below this."""
     expand_per_round: int
     """Child positions popped per row per drafter forward (1 = DySpec Algorithm 1, one node per forward)."""
+    value_temperature: Optional[float] = None
+    """Top-k children only: the temperature of the drafter distribution the values (path probabilities) are
+    computed from (None: the drafter's). Under greedy verification the drafter's top pick is accepted far more
+    often than its probability says; a sharper value distribution estimates that better. Sampled children
+    always use the distribution they are drawn from."""
 
     @property
     def max_nodes(self) -> int:

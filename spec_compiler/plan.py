@@ -71,6 +71,7 @@ class GrownTreePlan:
     max_depth: int
     threshold: float
     expand_per_round: int
+    value_temperature: float
     beam_width: int
     beam_depth: int
 
@@ -194,7 +195,7 @@ def _grown_tree_plan(cfg) -> Optional[GrownTreePlan]:
         return None
     t = cfg.tree
     return GrownTreePlan(t.policy.value, t.num_nodes, t.max_depth, float(t.threshold), t.expand_per_round,
-                         t.beam_width, t.beam_depth)
+                         float(t.value_temperature), t.beam_width, t.beam_depth)
 
 
 def make_plan(resolved: Resolved) -> Plan:

@@ -309,6 +309,12 @@ class TreeConfig:
     """policy=dynamic: child positions taken per request per drafter forward, >= 1 (1 = DySpec's exact
     best-first order, one forward per node; more = fewer forwards, each round's picks made before the new
     nodes' own children are known)."""
+    value_temperature: float = 0.25
+    """policy=dynamic with top-k children (greedy decoding, or children=topk): temperature of the drafter
+    distribution the heap's path probabilities are computed from, > 0. Greedy verification accepts the
+    drafter's top pick far more often than its probability at temperature 1 says; 0.25 measured best of
+    {1, 0.5, 0.25} on the local suite (benchmarks/cpu/tree_policies_bench.md). Sampled children always use
+    the distribution they are drawn from (drafter.temperature)."""
     beam_width: int = 4
     """policy=beam: beams kept per level (W), >= 1, at most the drafter's vocabulary."""
     beam_depth: int = 5
@@ -321,6 +327,8 @@ class TreeConfig:
                         ("beam_depth", 1)):
             if getattr(self, key) < lo:
                 raise ConfigError(f"tree.{key}", f"must be >= {lo}", getattr(self, key))
+        if self.value_temperature <= 0:
+            raise ConfigError("tree.value_temperature", "must be > 0", self.value_temperature)
         if not 0.0 <= self.threshold < 1.0:
             raise ConfigError("tree.threshold", "must be in [0, 1) (a path probability; 0 = off)", self.threshold)
         if not self.branching:
