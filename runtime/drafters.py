@@ -6,7 +6,9 @@
   forward for the whole batch, ending at each row's root), then fills the plan's tree one level per
   forward for the whole batch (tree mask per row); children are the top-b picks (deterministic), i.i.d.
   samples, or samples without replacement (Gumbel-top-k) drawn by each request's own sampler, and the
-  distribution they came from is kept for the verifier (`TreeBatch.draft_probs`).
+  distribution they came from is kept for the verifier (`TreeBatch.draft_probs`). With a growth policy
+  (`runtime.tree_policies`: dynamic / beam) each row's tree is grown at run time instead, one forward per
+  round for all rows (`_propose_grown`).
 - Prompt lookup (`runtime.lookup.PromptLookupDrafter`) has the same interface.
 
 Interface shared by all drafters: `start(slot, tokens)` when a request is admitted to a row (its prompt is

@@ -67,9 +67,11 @@ DYNAMIC = {"budget": DynamicTree(num_nodes=4, max_depth=3, threshold=0.0, expand
            "threshold": DynamicTree(num_nodes=5, max_depth=2, threshold=0.12, expand_per_round=2)}
 
 
-@pytest.mark.parametrize("arch", ["llama", "mamba2"])
-@pytest.mark.parametrize("policy", list(DYNAMIC))
-@pytest.mark.parametrize("transform", [dict(top_k=3), dict(top_p=0.8)], ids=["top_k", "top_p"])
+@pytest.mark.parametrize("arch,policy,transform", [
+    ("llama", "budget", dict(top_k=3)), ("llama", "budget", dict(top_p=0.8)), ("llama", "threshold", dict(top_k=3)),
+    ("llama", "threshold", dict(top_p=0.8)), ("mamba2", "threshold", dict(top_p=0.8))],
+    ids=["llama-budget-top_k", "llama-budget-top_p", "llama-threshold-top_k", "llama-threshold-top_p",
+         "mamba2-threshold-top_p"])
 def test_dynamic_tree_is_exact(arch, policy, transform):
     target, draft_model = models(arch)
     world = ModelWorld(target, temperature=0.9, **transform)

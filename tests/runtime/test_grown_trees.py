@@ -96,7 +96,7 @@ def test_greedy_equals_autoregressive_alone_and_batched(target, reference, kind,
     _, model = target
     pol = POLICIES[policy]
     check, seen = tree_check(pol)
-    alone = [run(model, kind, pol, [r], 1, check=check)[0] for r in requests([SamplingParams()] * 5)[:2]]
+    alone = [run(model, kind, pol, [r], 1, check=check)[0] for r in requests([SamplingParams()] * 5)[:1]]
     batched = run(model, kind, pol, requests([SamplingParams()] * 5), rows=3, check=check)
     for a, ref in zip(alone, reference):
         assert a.output_ids == ref
