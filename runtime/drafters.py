@@ -25,7 +25,7 @@ import torch
 from runtime.batch import PAD, Block, TreeBatch
 from runtime.models.llama import KVCache
 from runtime.sampling import ChildKind
-from runtime.tree_policies import Policy
+from runtime.tree_policies import DynamicTree, Policy
 from spec_compiler.tree import Provenance, TreeTopology, tree_buckets
 
 PROVENANCE = {ChildKind.deterministic: Provenance.topk, ChildKind.iid: Provenance.iid, ChildKind.wor: Provenance.wor}
@@ -109,6 +109,14 @@ class ModelDrafter:
         if p.shape[-1] < self.vocab:
             p = torch.nn.functional.pad(p, (0, self.vocab - p.shape[-1]))
         return p
+
+    def _top(self, logits: torch.Tensor, k: int, temperature: float | None) -> tuple[list, list]:
+        """[B, m, Vd] logits -> the k most likely children per node, as nested lists [B][m][k] of (probability
+        at `temperature` (None: the drafter's), target token id), descending."""
+        lp = torch.log_softmax(logits.to(torch.float64) / (temperature or self.temperature), dim=-1)
+        top = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+        ids = top.indices.cpu()
+        return top.values.exp().tolist(), (ids if self.s2t is None else self.s2t[ids]).tolist()
 
     def _catch_up(self, rows: Sequence) -> torch.Tensor:
         """Every row's tokens since its last step (ending with its root) in one forward -> root logits [B, Vd]."""
@@ -217,6 +225,7 @@ class ModelDrafter:
         if max(caps) <= 0:
             return TreeBatch.roots([r.tokens[-1] for r in rows])
         sampled = self.kind is not ChildKind.deterministic
+        ranked = not sampled and isinstance(self.policy, DynamicTree)  # top-k children need only their ranking
         grown = [self.policy.start(r.tokens[-1], c, r.sampler, sampled) for r, c in zip(rows, caps)]
         N = self.policy.max_nodes + self.policy.per_round  # ids a round may touch (real nodes + one round of padding)
         toks = torch.zeros(B, N, dtype=torch.long)
@@ -232,16 +241,19 @@ class ModelDrafter:
         fed = [[0] for _ in range(B)]
         view = self.cache.view_rows(0, B)
         while True:
-            # [B, m, V]: distributions at the nodes just fed (top-k children: at the policy's value temperature)
-            p = self._probs(logits, None if sampled else getattr(self.policy, "value_temperature", None)) \
-                if logits is not None else None
+            if logits is None:
+                p = None
+            elif ranked:  # ([B, m, K] probabilities, [B, m, K] token ids) of the K most likely children
+                p = self._top(logits, self.policy.num_nodes - 1, self.policy.value_temperature)
+            else:
+                p = self._probs(logits)  # [B, m, V]: distributions at the nodes just fed
             feed: list[list[int]] = []
             grew = False
             for b, g in enumerate(grown):
                 for j, node in enumerate(fed[b]):
                     if sampled:
                         probs[b, node] = p[b, j]
-                    g.feed(node, probs[b, node] if sampled else p[b, j])
+                    g.feed(node, probs[b, node] if sampled else (p[0][b][j], p[1][b][j]) if ranked else p[b, j])
                 new = g.grow()
                 grew |= bool(new)
                 for c in new:

@@ -127,8 +127,9 @@ class DynamicRow(GrownRow):
     def wants(self, node: int) -> bool:
         return self.depth[node] < self.cap and not self.stopped and self.n < self.spec.num_nodes
 
-    def feed(self, node: int, p: Tensor) -> None:
-        """p [V] float64: the drafter distribution at `node` (its children's)."""
+    def feed(self, node: int, p) -> None:
+        """Sampled children: p [V] float64, the drafter distribution at `node` (its children's). Top-k children:
+        p = (probabilities, token ids) of node's most likely children, descending (at least num_nodes - 1)."""
         if not self.wants(node):
             return
         v = self.value[node]
@@ -136,11 +137,8 @@ class DynamicRow(GrownRow):
             self.fed[node] = [p.clone(), p]
             self._push(v, node, 0)  # the first child's value: v * (1 - 0)
         else:
-            k = min(self.spec.num_nodes - 1, p.shape[-1])
-            top = torch.topk(p, k)
-            probs, toks = top.values.tolist(), top.indices.tolist()
-            self.fed[node] = (probs, toks)
-            self._push(v * probs[0], node, 0)
+            self.fed[node] = p
+            self._push(v * p[0][0], node, 0)
 
     def grow(self) -> list[int]:
         new: list[int] = []

@@ -138,7 +138,11 @@ def grow(policy, sampled: bool, cap: int, seed: int = 0):
     fed = [0]
     while True:
         for node in fed:
-            row.feed(node, synthetic_p(tuple(row.tokens[j] for j in TreeTopology(tuple(row.parents)).path(node)[1:])))
+            p = synthetic_p(tuple(row.tokens[j] for j in TreeTopology(tuple(row.parents)).path(node)[1:]))
+            if isinstance(policy, DynamicTree) and not sampled:  # the drafter hands over its ranked top-k
+                top = torch.topk(p, p.shape[-1])
+                p = (top.values.tolist(), top.indices.tolist())
+            row.feed(node, p)
         new = row.grow()
         if not new:
             return row
