@@ -27,7 +27,7 @@ from scipy.stats import chi2
 from runtime.decode import Engine, Request, SamplingParams
 from runtime.drafters import ModelDrafter
 from runtime.models import mamba2
-from runtime.models.llama import LlamaConfig, init_random, perturbed_copy
+from runtime.models.llama import LlamaConfig, init_random, perturbed_copy, trim_lm_head
 from runtime.sampling import AcceptanceRule, ChildKind, TorchDraftSampler, target_probs
 from runtime.tree_policies import BeamTree, DynamicTree
 from spec_compiler.tree import Provenance, TreeTopology
@@ -37,11 +37,12 @@ from tests.runtime.test_verifier_exact import TOL, joint_of, step_outcomes
 ALPHA = 1e-6
 
 
-def policy_drafter(model, policy, kind: ChildKind, temperature: float):
-    """The harness's drafter callable over the engine's ModelDrafter growing `policy` trees (one row)."""
+def policy_drafter(model, policy, kind: ChildKind, temperature: float, s2t=None):
+    """The harness's drafter callable over the engine's ModelDrafter growing `policy` trees (one row); s2t: the
+    model's head is trimmed to these ids (VocabTrim)."""
     n = policy.max_nodes + policy.per_round
     extra = {"num_scratch": n + 1} if isinstance(model, mamba2.Mamba2LMModel) else {}
-    d = ModelDrafter(model, TreeTopology.root_only(), 64 + n, kind, temperature, V, rows=1,
+    d = ModelDrafter(model, TreeTopology.root_only(), 64 + n, kind, temperature, V, rows=1, s2t=s2t,
                      cache=model.new_cache(1, 64 + n, **extra), policy=policy)
 
     def draft(ctx, sampler):
@@ -77,6 +78,18 @@ def test_dynamic_tree_is_exact(arch, policy, transform):
     world = ModelWorld(target, temperature=0.9, **transform)
     outs = assert_exact(world, policy_drafter(draft_model, DYNAMIC[policy], ChildKind.wor, 1.1), (1, 3, 0))
     assert len({acc for acc, *_ in outs}) > 4
+
+
+@pytest.mark.parametrize("kind", [ChildKind.wor, ChildKind.deterministic])
+def test_vocab_trimmed_dynamic_tree_is_exact(kind):
+    """A VocabTrim head over 3 of the 4 ids: the trimmed id is never drafted and keeps its target mass."""
+    target, draft_model = models("llama")
+    s2t = torch.tensor([0, 1, 3])
+    trim_lm_head(draft_model, s2t)
+    draft = policy_drafter(draft_model, DYNAMIC["threshold"], kind, 1.1, s2t)
+    world = ModelWorld(target, temperature=0.9, top_p=0.9)
+    outs = assert_exact(world, draft, (1, 3, 0))
+    assert all(2 not in acc for acc, *_ in outs)
 
 
 def test_dynamic_tree_with_deterministic_children_is_exact():

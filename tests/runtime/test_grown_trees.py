@@ -19,7 +19,7 @@ import torch
 from runtime.decode import Engine, SamplingParams
 from runtime.drafters import ModelDrafter, NoDrafter
 from runtime.models import mamba2
-from runtime.models.llama import init_random, perturbed_copy
+from runtime.models.llama import init_random, perturbed_copy, trim_lm_head
 from runtime.sampling import ChildKind, TorchDraftSampler
 from runtime.tree_policies import BeamTree, DynamicTree, DynamicRow, truncated_gumbel
 from spec_compiler.tree import TreeTopology, tree_buckets
@@ -76,9 +76,10 @@ def reference(target):
 
 
 def tree_check(policy):
-    seen = []
+    seen, differ = [], []
 
     def check(tree, max_depth):
+        differ.append(len({t.parents for t in tree.topologies}) > 1)  # rows of one batch, different trees
         assert tree.T in tree_buckets(policy.max_nodes)
         for b, topo in enumerate(tree.topologies):
             assert topo.n <= policy.max_nodes  # the budget
@@ -87,6 +88,7 @@ def tree_check(policy):
             if isinstance(policy, BeamTree):
                 assert all(len(level) <= policy.beam_width for level in topo.levels[1:])
             seen.append(topo.n)
+    check.differ = differ
     return check, seen
 
 
@@ -103,9 +105,27 @@ def test_greedy_equals_autoregressive_alone_and_batched(target, reference, kind,
     for b, ref in zip(batched, reference):
         assert b.output_ids == ref
         assert sum(b.accept_lengths) == len(b.output_ids)
-    assert len(set(seen)) > 1  # trees of different sizes went through
-    if kind == "noisy_copy":  # an agreeing drafter must be accepted
-        assert sum(len(r.output_ids) for r in batched) / sum(r.steps for r in batched) > 1.5
+    assert len(set(seen)) > 1 and any(check.differ)  # trees of different sizes, and rows differing in one batch
+    tau = sum(len(r.output_ids) for r in batched) / sum(r.steps for r in batched)
+    assert tau > (1.5 if kind == "noisy_copy" else 1.0)  # drafts were accepted (an agreeing drafter's often)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_vocab_trimmed_drafter_greedy_equals_autoregressive(policy):
+    """A VocabTrim head (s2t: 40 of the 61 ids) grows trees over target ids; greedy output is still AR's."""
+    model = make_target("llama")
+    pol = POLICIES[policy]
+    d = grown_drafter("noisy_copy", model, pol, 3)
+    s2t = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:40].sort().values
+    trim_lm_head(d.model, s2t)
+    d = ModelDrafter(d.model, d.topology, d.cache.capacity, d.kind, d.temperature, V, rows=3, s2t=s2t, cache=d.cache,
+                     policy=pol)
+    eng = Engine(model, cache_for(model, 3, pol), d, max_seq_len=MAX_SEQ)
+    out = eng.generate(requests([SamplingParams()] * 5))
+    ref = Engine(model, cache_for(model, 1, pol), NoDrafter(), max_seq_len=MAX_SEQ).generate(
+        requests([SamplingParams()] * 5))
+    assert [r.output_ids for r in out] == [r.output_ids for r in ref]
+    assert sum(len(r.output_ids) for r in out) / sum(r.steps for r in out) > 1.2
 
 
 MIXED = [SamplingParams(0.8), SamplingParams(), SamplingParams(1.0, top_k=5), SamplingParams(0.6, top_p=0.9),
@@ -119,6 +139,8 @@ def test_sampled_batch_equals_alone(policy):
     alone = [run(model, "noisy_copy", pol, [r], 1, ChildKind.wor)[0].output_ids for r in requests(MIXED)]
     batched = [r.output_ids for r in run(model, "noisy_copy", pol, requests(MIXED), 4, ChildKind.wor)]
     assert batched == alone
+    ar = Engine(model, cache_for(model, 1, pol), NoDrafter(), max_seq_len=MAX_SEQ).generate(requests(MIXED)[1:2])
+    assert batched[1] == ar[0].output_ids  # the greedy row of the mixed batch is still greedy
     again = [r.output_ids for r in run(model, "noisy_copy", pol, requests(MIXED, seeds=(5, 6, 7, 8, 9)), 4,
                                        ChildKind.wor)]
     assert again != batched
