@@ -95,6 +95,9 @@ def measure(rt, dr, prompts, new: int, sp: SamplingParams, seeds=(0,)) -> dict:
 
 
 def main_(args) -> None:
+    out = Path(args.out)
+    old = json.loads((out / "tree_policies_bench.json").read_text()) if (out / "tree_policies_bench.json").is_file() \
+        else {"environment": {}, "rows": []}
     rt = runtime(max(args.budgets) + 1)
     qs = [json.loads(line) for line in (ROOT / "data/prompts/local_suite.jsonl").read_text().splitlines()]
     step = max(1, len(qs) // args.prompts)
@@ -103,59 +106,92 @@ def main_(args) -> None:
     DET = ChildKind.deterministic
     rows = []
     measure(rt, drafter(rt, DET, TreeTopology.chain(2)), prompts[:1], 8, greedy)  # warm-up
-    ar = measure(rt, drafter(rt, DET, TreeTopology.root_only()), prompts, args.new, greedy)
-    rows.append({"budget": 1, "policy": "autoregressive", "temperature": 0.0, **ar})
-    print("AR", ar, flush=True)
+    env = dict(old["environment"])
+    env.update({"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+                "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "pair": "models/default (target 7.3 M Llama, distilled 2.5 M drafter, VocabTrim 4096)"})
+    command = "nice -n 10 python benchmarks/tree_policies_bench.py " + " ".join(sys.argv[1:])
+    if "greedy" in args.parts:
+        env["greedy"] = {"command": command, "what": f"{len(prompts)} prompts (every {step}th of the local suite, "
+                         f"last {args.prompt_tokens} prompt tokens), {args.new} new tokens, greedy"}
+        ar = measure(rt, drafter(rt, DET, TreeTopology.root_only()), prompts, args.new, greedy)
+        rows.append({"budget": 1, "policy": "autoregressive", "temperature": 0.0, **ar})
+        print("AR", ar, flush=True)
+    else:
+        rows += [r for r in old["rows"] if r["temperature"] == 0.0]
     for n in args.budgets:
-        # greedy: the best static tree of <= n nodes (screened), dynamic trees of n nodes
-        cands = static_candidates(n)
-        screen = sorted(((measure(rt, drafter(rt, DET, TreeTopology.static(b)), prompts[:args.screen_prompts],
-                                  args.screen_new, greedy)["tau"], b) for b in cands), reverse=True)
-        finals = []
-        for _, b in screen[:args.finalists]:
-            m = measure(rt, drafter(rt, DET, TreeTopology.static(b)), prompts, args.new, greedy)
-            finals.append((m["tau"], b, m))
-        tau, b, m = max(finals)
-        rows.append({"budget": n, "policy": "static (best)", "temperature": 0.0, "shape": list(b),
-                     "nodes": TreeTopology.static(b).n, "screened": len(cands), **m})
-        print(n, "static best", b, m, flush=True)
-        for E, vt in ((1, args.value_temperature), (max(2, n // 4), args.value_temperature), (1, 1.0)):
-            pol = DynamicTree(num_nodes=n, max_depth=args.max_depth, threshold=0.0, expand_per_round=E,
-                              value_temperature=vt)
-            m = measure(rt, drafter(rt, DET, policy=pol), prompts, args.new, greedy)
-            rows.append({"budget": n, "policy": f"dynamic (E={'1' if E == 1 else 'n/4'}, value T={vt:g})",
-                         "temperature": 0.0, "nodes": n, **m})
-            print(n, "dynamic", E, vt, m, flush=True)
-        # temperature 1: beam vs the i.i.d. (and WOR, RSD-C style) static tree of the same shape budget
-        W, D = BEAMS[n]
-        same = TreeTopology.static([W] + [1] * (D - 1))
-        for name, dr in (("beam", drafter(rt, ChildKind.wor, policy=BeamTree(W, D))),
-                         ("static iid", drafter(rt, ChildKind.iid, same)),
-                         ("static wor (RSD-C)", drafter(rt, ChildKind.wor, same))):
-            m = measure(rt, dr, prompts, args.new, hot, seeds=tuple(range(args.seeds)))
-            rows.append({"budget": n, "policy": name, "temperature": 1.0, "shape": f"W={W} D={D}",
-                         "nodes": same.n, **m})
-            print(n, name, m, flush=True)
-    env = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)", "python": platform.python_version(),
-           "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "command": "nice -n 10 python benchmarks/tree_policies_bench.py " + " ".join(sys.argv[1:]),
-           "prompts": len(prompts), "max_new_tokens": args.new, "prompt_tokens_max": args.prompt_tokens,
-           "pair": "models/default (target 7.3 M Llama, distilled 2.5 M drafter, VocabTrim 4096)"}
-    out = Path(args.out)
+        if "greedy" in args.parts:  # the best static tree of <= n nodes (screened), dynamic trees of n nodes
+            cands = static_candidates(n)
+            screen = sorted(((measure(rt, drafter(rt, DET, TreeTopology.static(b)), prompts[:args.screen_prompts],
+                                      args.screen_new, greedy)["tau"], b) for b in cands), reverse=True)
+            finals = []
+            for _, b in screen[:args.finalists]:
+                m = measure(rt, drafter(rt, DET, TreeTopology.static(b)), prompts, args.new, greedy)
+                finals.append((m["tau"], b, m))
+            tau, b, m = max(finals)
+            rows.append({"budget": n, "policy": "static (best)", "temperature": 0.0, "shape": list(b),
+                         "nodes": TreeTopology.static(b).n, "screened": len(cands), **m})
+            print(n, "static best", b, m, flush=True)
+            for E, vt in ((1, args.value_temperature), (max(2, n // 4), args.value_temperature), (1, 1.0)):
+                pol = DynamicTree(num_nodes=n, max_depth=args.max_depth, threshold=0.0, expand_per_round=E,
+                                  value_temperature=vt)
+                m = measure(rt, drafter(rt, DET, policy=pol), prompts, args.new, greedy)
+                rows.append({"budget": n, "policy": f"dynamic (E={'1' if E == 1 else 'n/4'}, value T={vt:g})",
+                             "temperature": 0.0, "nodes": n, **m})
+                print(n, "dynamic", E, vt, m, flush=True)
+        if "hot" in args.parts:  # beam vs the i.i.d. (and WOR, RSD-C style) static tree of the same shape budget
+            W, D = BEAMS[n]
+            same = TreeTopology.static([W] + [1] * (D - 1))
+            for name, dr in (("beam", drafter(rt, ChildKind.wor, policy=BeamTree(W, D))),
+                             ("static iid", drafter(rt, ChildKind.iid, same)),
+                             ("static wor (RSD-C)", drafter(rt, ChildKind.wor, same))):
+                m = measure(rt, dr, prompts[:args.hot_prompts], args.hot_new, hot, seeds=tuple(range(args.seeds)))
+                rows.append({"budget": n, "policy": name, "temperature": 1.0, "shape": f"W={W} D={D}",
+                             "nodes": same.n, **m})
+                print(n, name, m, flush=True)
+    if "hot" in args.parts:
+        env["hot"] = {"command": command, "what": f"the first {args.hot_prompts} of those prompts x {args.seeds} "
+                      f"seeds, {args.hot_new} new tokens, temperature 1 (target and drafter)"}
+    else:
+        rows += [r for r in old["rows"] if r["temperature"] == 1.0]
     out.mkdir(parents=True, exist_ok=True)
     (out / "tree_policies_bench.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     write_markdown(rows, env, out / "tree_policies_bench.md")
     plot(rows, out / "tree_policies_bench.png")
 
 
+def bars(rows) -> list[str]:
+    """The issue's bars: dynamic vs the best static tree of <= n nodes (a smaller budget's best counts too), and
+    beam vs the i.i.d. static tree of the same shape budget."""
+    out = ["| budget | best static (<= n nodes) | tau | dynamic E=1 | dynamic E=n/4 | beam (T=1) | static iid (T=1) |"
+           " static wor, RSD-C (T=1) |", "|---|---|---|---|---|---|---|---|"]
+    best = None
+    for n in sorted({r["budget"] for r in rows if r["budget"] > 1}):
+        at = {r["policy"]: r for r in rows if r["budget"] == n}
+        s = at.get("static (best)")
+        if s is not None and (best is None or s["tau"] > best["tau"]):
+            best = s
+        dyn = [next((r["tau"] for p, r in at.items() if p.startswith(f"dynamic (E={e}, value T=0.25")), None)
+               for e in ("1", "n/4")]
+        f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+        out.append(f"| {n} | {best['shape'] if best else ''} ({best['nodes'] if best else ''} nodes) | "
+                   f"{f(best['tau'] if best else None)} | {f(dyn[0])} | {f(dyn[1])} | "
+                   f"{f(at.get('beam', {}).get('tau'))} | {f(at.get('static iid', {}).get('tau'))} | "
+                   f"{f(at.get('static wor (RSD-C)', {}).get('tau'))} |")
+    return out
+
+
 def write_markdown(rows, env, path: Path) -> None:
     lines = ["# Tree policies at equal node budgets (issue #12)", "",
-             f"{env['prompts']} local-suite prompts (every {114 // env['prompts']}th, last {env['prompt_tokens_max']} "
-             f"prompt tokens), {env['max_new_tokens']} new tokens, batch 1, default pair ({env['pair']}).", "",
-             f"Machine: {env['machine']}; python {env['python']}; torch {env['torch']}; {env['threads']} thread; "
-             f"command: `{env['command']}`. tokens/s is noisy (shared CPU); tau is not.", "",
-             "| budget | temperature | policy | shape | nodes | tau | tokens/s | draft s | steps |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Default pair: {env['pair']}; batch 1. Machine: {env['machine']}; python {env['python']}; torch "
+             f"{env['torch']}; {env['threads']} thread. tokens/s is noisy (a CPU shared with other jobs); tau is not.",
+             ""]
+    for part in ("greedy", "hot"):
+        if part in env:
+            lines += [f"- {part}: {env[part]['what']}; command: `{env[part]['command']}`"]
+    lines += ["", "## Bars", ""] + bars(rows) + ["", "## All runs", "",
+              "| budget | temperature | policy | shape | nodes | tau | tokens/s | draft s | steps |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['budget']} | {r['temperature']} | {r['policy']} | {r.get('shape', '')} | "
                      f"{r.get('nodes', 1)} | {r['tau']:.3f} | {r['tokens_per_s']:.1f} | {r['draft_s']:.2f} | "
@@ -200,6 +236,10 @@ if __name__ == "__main__":
     ap.add_argument("--finalists", type=int, default=3)
     ap.add_argument("--max-depth", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--hot-prompts", type=int, default=4, help="temperature-1 runs: prompts (of --prompts)")
+    ap.add_argument("--hot-new", type=int, default=32, help="temperature-1 runs: new tokens")
     ap.add_argument("--value-temperature", type=float, default=0.25)
     ap.add_argument("--out", default="benchmarks/cpu")
+    ap.add_argument("--parts", nargs="+", default=["greedy", "hot"], choices=["greedy", "hot"],
+                    help="which half to run; the other half's rows are kept from an existing JSON in --out")
     main_(ap.parse_args())
