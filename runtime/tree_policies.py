@@ -3,7 +3,8 @@
 `ModelDrafter` (runtime/drafters.py) owns the drafter model, its cache, the catch-up and the forwards; a growth
 policy here owns only the decisions: which children each row's tree gets, given the draft distributions of the
 nodes the last forward fed. The drafter runs rounds: `feed(node, p)` for every node the last forward fed
-(the root first, from the catch-up), then `grow()` returns the row's new nodes (children of fed nodes only, so
+(the root first, from the catch-up; p its draft distribution, or for top-k dynamic children only the ranked
+top tokens and their probabilities), then `grow()` returns the row's new nodes (children of fed nodes only, so
 one forward feeds a whole round and each round's new nodes are a contiguous id range), then `wants(node)`
 says which of them the next forward must feed. Rows are independent: a row's tree, and the draws its own
 sampler makes, do not depend on the other rows of the batch.
@@ -223,5 +224,5 @@ class BeamRow(GrownRow):
         return new
 
 
-POLICIES = (DynamicTree, BeamTree)
 Policy = Optional[DynamicTree | BeamTree]
+"""What ModelDrafter takes: None = the static topology, level by level."""
