@@ -189,7 +189,12 @@ def write_markdown(rows, env, path: Path) -> None:
     for part in ("greedy", "hot"):
         if part in env:
             lines += [f"- {part}: {env[part]['what']}; command: `{env[part]['command']}`"]
-    lines += ["", "## Bars", ""] + bars(rows) + ["", "## All runs", "",
+    lines += ["", "## Bars", ""] + bars(rows) + [
+        "", "Best static: the best by tau of the screened trees at this budget or a smaller one (the plot's "
+        "static line shows each budget's own screen: 0.75 n < nodes <= n). Dynamic: `tree=dynamic`, top-k children, "
+        "value_temperature 0.25, expand_per_round E. T=1 columns: beam W x D against the static [W, 1, ..., 1] "
+        "tree of the same size with i.i.d. children, and with WOR children (RSD-C style).",
+        "", "## All runs", "",
               "| budget | temperature | policy | shape | nodes | tau | tokens/s | draft s | steps |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
