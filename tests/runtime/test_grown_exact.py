@@ -32,7 +32,7 @@ from runtime.sampling import AcceptanceRule, ChildKind, TorchDraftSampler, targe
 from runtime.tree_policies import BeamTree, DynamicTree
 from spec_compiler.tree import Provenance, TreeTopology
 from tests.runtime.test_engine_exact import V, ModelWorld, models
-from tests.runtime.test_verifier_exact import TOL, joint_of, step_outcomes
+from tests.runtime.test_verifier_exact import TOL, Script, enumerate_runs, joint_of, step_outcomes
 
 ALPHA = 1e-6
 
@@ -202,7 +202,6 @@ def test_beam_builder_follows_the_sbs_law():
     _, draft_model = models("llama")
     W, D, ctx, rows, reps = 2, 2, (1, 3, 0), 64, 25
     law = Counter()
-    from tests.runtime.test_verifier_exact import Script, enumerate_runs
     p = draft_p(draft_model, 1.1)
     for s, (topo, toks, _, _) in enumerate_runs(lambda ss: [race_tree(p, ctx, W, D, s.choose) for s in ss],
                                                 [Script([])]):

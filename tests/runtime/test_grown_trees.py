@@ -11,7 +11,6 @@ nodes (brute force over the drafter's tree).
 from __future__ import annotations
 
 import itertools
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from runtime.drafters import ModelDrafter, NoDrafter
 from runtime.models import mamba2
 from runtime.models.llama import init_random, perturbed_copy, trim_lm_head
 from runtime.sampling import ChildKind, TorchDraftSampler
-from runtime.tree_policies import BeamTree, DynamicTree, DynamicRow, truncated_gumbel
+from runtime.tree_policies import BeamTree, DynamicTree, truncated_gumbel
 from spec_compiler.tree import TreeTopology, tree_buckets
 from tests.runtime.test_batch import LLAMA, MAX_SEQ, SSM, V, make_target, requests
 

@@ -7,7 +7,6 @@ the configured trees.
 """
 import pytest
 
-import main
 from runtime.load import load
 from runtime.tree_policies import BeamTree, DynamicTree
 from spec_compiler.errors import ConfigError
