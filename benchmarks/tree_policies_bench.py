@@ -117,6 +117,10 @@ def main_(args) -> None:
         ar = measure(rt, drafter(rt, DET, TreeTopology.root_only()), prompts, args.new, greedy)
         rows.append({"budget": 1, "policy": "autoregressive", "temperature": 0.0, **ar})
         print("AR", ar, flush=True)
+    elif "dynamic" in args.parts:  # rerun the wide-round dynamic rows only (E=1 rounds did not change)
+        rows += [r for r in old["rows"] if r["temperature"] == 0.0 and not r["policy"].startswith("dynamic (E=n/4")]
+        env["dynamic"] = {"command": command, "what": "the dynamic E=n/4 rows rerun (rounds end before a pending "
+                          "node could hold the best position), same prompts"}
     else:
         rows += [r for r in old["rows"] if r["temperature"] == 0.0]
     for n in args.budgets:
@@ -132,7 +136,9 @@ def main_(args) -> None:
             rows.append({"budget": n, "policy": "static (best)", "temperature": 0.0, "shape": list(b),
                          "nodes": TreeTopology.static(b).n, "screened": len(cands), **m})
             print(n, "static best", b, m, flush=True)
-            for E, vt in ((1, args.value_temperature), (max(2, n // 4), args.value_temperature), (1, 1.0)):
+        if "greedy" in args.parts or "dynamic" in args.parts:
+            widths = ((1, args.value_temperature), (max(2, n // 4), args.value_temperature), (1, 1.0))
+            for E, vt in widths if "greedy" in args.parts else widths[1:2]:
                 pol = DynamicTree(num_nodes=n, max_depth=args.max_depth, threshold=0.0, expand_per_round=E,
                                   value_temperature=vt)
                 m = measure(rt, drafter(rt, DET, policy=pol), prompts, args.new, greedy)
@@ -186,7 +192,7 @@ def write_markdown(rows, env, path: Path) -> None:
              f"Default pair: {env['pair']}; batch 1. Machine: {env['machine']}; python {env['python']}; torch "
              f"{env['torch']}; {env['threads']} thread. tokens/s is noisy (a CPU shared with other jobs); tau is not.",
              ""]
-    for part in ("greedy", "hot"):
+    for part in ("greedy", "dynamic", "hot"):
         if part in env:
             lines += [f"- {part}: {env[part]['what']}; command: `{env[part]['command']}`"]
     lines += ["", "## Bars", ""] + bars(rows) + [
@@ -245,6 +251,6 @@ if __name__ == "__main__":
     ap.add_argument("--hot-new", type=int, default=32, help="temperature-1 runs: new tokens")
     ap.add_argument("--value-temperature", type=float, default=0.25)
     ap.add_argument("--out", default="benchmarks/cpu")
-    ap.add_argument("--parts", nargs="+", default=["greedy", "hot"], choices=["greedy", "hot"],
+    ap.add_argument("--parts", nargs="+", default=["greedy", "hot"], choices=["greedy", "dynamic", "hot"],
                     help="which half to run; the other half's rows are kept from an existing JSON in --out")
     main_(ap.parse_args())

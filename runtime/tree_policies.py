@@ -15,7 +15,9 @@ sampler makes, do not depend on the other rows of the batch.
   children: DySpec's value v_s * (1 - sum of p_s over the k-1 siblings drawn so far), known before the child
   is drawn. Each round pops up to `expand_per_round` best positions (a popped position's next sibling
   position is pushed back at once; a new node's first-child position becomes available after the next forward
-  feeds it). Sampled children are drawn one at a time without replacement from the parent's residual
+  feeds it, so the round also ends when the best position left is worth less than a node made this round:
+  that child position might be better). Every pop is therefore the best of all positions, pending ones
+  included, and the tree is DySpec Algorithm 1's for any `expand_per_round`, which only saves forwards. Sampled children are drawn one at a time without replacement from the parent's residual
   (`sampler.children(residual, 1, wor)`), so each stopping decision depends only on values already drawn:
   the §0.3 condition (b) that keeps RRS-WOR exact. Stops at `num_nodes` nodes (root included), at the depth
   cap, or when the best position's value is below `threshold`.
@@ -143,14 +145,17 @@ class DynamicRow(GrownRow):
 
     def grow(self) -> list[int]:
         new: list[int] = []
+        pending = 0.0  # best value a node made this round could give its first child (known after the forward)
         while len(new) < self.spec.expand_per_round and self.n < self.spec.num_nodes and self.heap \
                 and not self.stopped:
             key = -self.heap[0][0]
             if key < self.spec.threshold:
                 self.stopped = True  # keys never grow (a child's is <= its parent's): nothing better will come
                 break
+            if key < pending:
+                break  # a node made this round may have a better child: the round ends, the order stays best-first
             _, _, node, k = heapq.heappop(self.heap)
-            self.pops.append((key, -self.heap[0][0] if self.heap else 0.0))
+            self.pops.append((key, max(pending, -self.heap[0][0] if self.heap else 0.0)))
             v = self.value[node]
             if self.sampled:
                 residual, p = self.fed[node]
@@ -166,6 +171,8 @@ class DynamicRow(GrownRow):
             c = self._add(node, y)
             self.value.append(value)
             new.append(c)
+            if self.depth[c] < self.cap:
+                pending = max(pending, value)  # c's first child position is worth at most c's own value
         return new
 
 

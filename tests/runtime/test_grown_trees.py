@@ -185,6 +185,14 @@ def test_dynamic_pops_best_first_within_budget(sampled, per_round):
             assert topo.n == min(n, sum(5 ** d for d in range(depth + 1)))  # filled when nothing stops it
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_dynamic_tree_does_not_depend_on_the_round_width(sampled):
+    """Rounds end before a pending node's child could be the best: every width grows the best-first tree, the
+    same draws in the same order (the same sampler seed gives the same tree), in fewer rounds."""
+    trees = [grow(DynamicTree(20, 4, 0.0, E), sampled, cap=4, seed=5) for E in (1, 3, 19)]
+    assert all((t.parents, t.tokens) == (trees[0].parents, trees[0].tokens) for t in trees[1:])
+
+
 def test_greedy_dynamic_with_one_pop_per_round_is_the_most_probable_tree():
     """DySpec's optimality under its estimate: the n-1 most probable nodes of the drafter's full tree."""
     V, depth, n = 5, 3, 9
