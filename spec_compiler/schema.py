@@ -306,9 +306,9 @@ class TreeConfig:
     """policy=dynamic: stop growing a tree when its best child position's value (an estimate of the path
     probability) is below this, in [0, 1); 0 = the budget alone stops (DySpec picks about 1 / num_nodes)."""
     expand_per_round: int = 4
-    """policy=dynamic: child positions taken per request per drafter forward, >= 1 (1 = DySpec's exact
-    best-first order, one forward per node; more = fewer forwards, each round's picks made before the new
-    nodes' own children are known)."""
+    """policy=dynamic: most child positions taken per request per drafter forward, >= 1. A round also ends when
+    a node made in it could hold the best position, so the tree is DySpec's best-first one whatever this is;
+    larger values only save drafter forwards."""
     value_temperature: float = 0.25
     """policy=dynamic with top-k children (greedy decoding, or children=topk): temperature of the drafter
     distribution the heap's path probabilities are computed from, > 0. Greedy verification accepts the
