@@ -231,6 +231,30 @@ class Block:
                      mask_full=full)
 
 
+    @staticmethod
+    def tree_ranges(lengths: Tensor, tree: TreeBatch, kv_len: int, lo: Tensor, T: int, base: Tensor,
+                    device=None) -> "Block":
+        """Nodes lo_b..lo_b+T-1 of row b (one width, a start per row: a drafter growing trees whose rounds add a
+        different number of nodes per row; ids past a row's real nodes are its padding and must be < tree.T).
+        Node j at slot base_b + j, as in `tree`; no node of the range may be another's parent (in-block
+        ancestry is each node itself)."""
+        B, N = tree.tokens.shape
+        ids = lo[:, None] + torch.arange(T)[None]  # [B, T]
+        assert int(ids.max()) < N, (int(ids.max()), N)
+        parents = tree.parents.gather(1, ids)
+        valid = tree.valid.gather(1, ids)
+        parent_slots = torch.where(parents >= 0, base[:, None] + parents, lengths[:, None] - 1)
+        parent_slots = torch.where(valid, parent_slots, torch.full_like(parent_slots, -1))
+        anc = tree.anc.gather(1, ids[:, :, None].expand(B, T, N))  # [B, T, N]
+        slots = base[:, None] + ids
+        mask = window_mask(lengths, base, anc, kv_len)
+        eye = torch.eye(T, dtype=torch.bool)[None].expand(B, T, T)
+        positions = base[:, None] + tree.depth.gather(1, ids)
+        dev = lambda x: x.to(device)  # noqa: E731
+        return Block(dev(slots), dev(positions), dev(parent_slots), dev(mask), dev(lengths), advance=False,
+                     anc=dev(eye), offsets=dev(slots - lengths[:, None]))
+
+
 _ROOTS: dict = {}  # B -> the structure tensors of B root-only trees
 
 

@@ -6,7 +6,9 @@
   forward for the whole batch, ending at each row's root), then fills the plan's tree one level per
   forward for the whole batch (tree mask per row); children are the top-b picks (deterministic), i.i.d.
   samples, or samples without replacement (Gumbel-top-k) drawn by each request's own sampler, and the
-  distribution they came from is kept for the verifier (`TreeBatch.draft_probs`).
+  distribution they came from is kept for the verifier (`TreeBatch.draft_probs`). With a growth policy
+  (`runtime.tree_policies`: dynamic / beam) each row's tree is grown at run time instead, one forward per
+  round for all rows (`_propose_grown`).
 - Prompt lookup (`runtime.lookup.PromptLookupDrafter`) has the same interface.
 
 Interface shared by all drafters: `start(slot, tokens)` when a request is admitted to a row (its prompt is
@@ -20,9 +22,10 @@ from typing import Sequence
 
 import torch
 
-from runtime.batch import Block, TreeBatch
+from runtime.batch import PAD, Block, TreeBatch
 from runtime.models.llama import KVCache
 from runtime.sampling import ChildKind
+from runtime.tree_policies import DynamicTree, Policy
 from spec_compiler.tree import Provenance, TreeTopology, tree_buckets
 
 PROVENANCE = {ChildKind.deterministic: Provenance.topk, ChildKind.iid: Provenance.iid, ChildKind.wor: Provenance.wor}
@@ -49,10 +52,13 @@ class NoDrafter:
 class ModelDrafter:
     def __init__(self, model, topology: TreeTopology, capacity: int, child_kind: ChildKind, temperature: float,
                  target_vocab: int, rows: int = 1, s2t: torch.Tensor | None = None, kv_window: str = "live",
-                 cache=None):
+                 cache=None, policy: Policy = None):
         """`model`: a LlamaModel or Mamba2LMModel (same forward contract); `cache`: a prebuilt cache of `rows`
         rows and `capacity` slots, else model.new_cache(rows, capacity); `s2t`: [K] token id of each logit
-        column when the model's head is trimmed (VocabTrim, runtime.models.llama.trim_lm_head), else None."""
+        column when the model's head is trimmed (VocabTrim, runtime.models.llama.trim_lm_head), else None.
+        `policy`: None grows the static `topology` level by level; a `runtime.tree_policies` policy (dynamic,
+        beam) grows each row's tree at run time (then `topology` is unused; the cache needs
+        policy.max_nodes + policy.per_round slots past the text, SSM scratch as many)."""
         assert topology.is_level_ordered, "drafting fills one level per forward"
         self.model, self.topology, self.kind = model, topology, ChildKind(child_kind)
         self.temperature, self.vocab, self.kv_window = temperature, target_vocab, kv_window
@@ -60,7 +66,8 @@ class ModelDrafter:
         self.cache = cache if cache is not None else model.new_cache(rows, capacity)
         self.cached = [0] * self.cache.rows  # row b: slots [0, cached[b]) hold the KV of tokens[0:cached[b]]
         self.s2t = s2t.cpu() if s2t is not None else None
-        self.buckets = tree_buckets(topology.n)
+        self.policy = policy
+        self.buckets = tree_buckets(topology.n if policy is None else policy.max_nodes)
 
     @property
     def prov(self) -> Provenance:
@@ -90,18 +97,26 @@ class ModelDrafter:
         cache = self.model.new_cache(rows, self.cache.capacity, **(
             {"num_scratch": self.cache.num_scratch} if hasattr(self.cache, "num_scratch") else {}))
         return ModelDrafter(self.model, self.topology, self.cache.capacity, self.kind, self.temperature, self.vocab,
-                            rows, self.s2t, self.kv_window, cache)
+                            rows, self.s2t, self.kv_window, cache, self.policy)
 
     # ---- drafting ------------------------------------------------------------------------------------
-    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+    def _probs(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """[..., Vd] logits -> [..., V] float64 proposal over target ids (zero for ids the drafter's head lacks:
-        beyond its vocabulary, or trimmed away)."""
-        p = torch.softmax(logits.to(torch.float64) / self.temperature, dim=-1).cpu()
+        beyond its vocabulary, or trimmed away), at the drafter's temperature unless given."""
+        p = torch.softmax(logits.to(torch.float64) / (temperature or self.temperature), dim=-1).cpu()
         if self.s2t is not None:
             return torch.zeros(*p.shape[:-1], self.vocab, dtype=torch.float64).index_copy_(-1, self.s2t, p)
         if p.shape[-1] < self.vocab:
             p = torch.nn.functional.pad(p, (0, self.vocab - p.shape[-1]))
         return p
+
+    def _top(self, logits: torch.Tensor, k: int, temperature: float | None) -> tuple[list, list]:
+        """[B, m, Vd] logits -> the k most likely children per node, as nested lists [B][m][k] of (probability
+        at `temperature` (None: the drafter's), target token id), descending."""
+        lp = torch.log_softmax(logits.to(torch.float64) / (temperature or self.temperature), dim=-1)
+        top = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+        ids = top.indices.cpu()
+        return top.values.exp().tolist(), (ids if self.s2t is None else self.s2t[ids]).tolist()
 
     def _catch_up(self, rows: Sequence) -> torch.Tensor:
         """Every row's tokens since its last step (ending with its root) in one forward -> root logits [B, Vd]."""
@@ -132,6 +147,8 @@ class ModelDrafter:
 
     @torch.inference_mode()
     def propose(self, rows: Sequence, max_depth: Sequence[int]) -> TreeBatch:
+        if self.policy is not None:
+            return self._propose_grown(rows, max_depth)
         B = len(rows)
         depth = min(self.topology.max_depth, max(max_depth))
         if depth <= 0:
@@ -197,3 +214,71 @@ class ModelDrafter:
             for b, kept in enumerate(kept_rows):
                 dp[b, :len(kept)] = probs[b, kept]
         return TreeBatch.build(subs, sub_toks, sub_provs, T, dp)
+
+    def _propose_grown(self, rows: Sequence, max_depth: Sequence[int]) -> TreeBatch:
+        """Trees grown at run time by `self.policy` (runtime.tree_policies): rounds of (feed the last round's
+        new nodes in one forward for all rows; each row's policy picks its next nodes) until no row grows.
+        Row b's nodes keep their creation ids, at slot cached_b - 1 + id; a round's new nodes are a contiguous
+        id range per row (`Block.tree_ranges`), padded to the round's widest row."""
+        B = len(rows)
+        caps = [min(m, self.policy.max_nodes - 1) for m in max_depth]
+        if max(caps) <= 0:
+            return TreeBatch.roots([r.tokens[-1] for r in rows])
+        sampled = self.kind is not ChildKind.deterministic
+        ranked = not sampled and isinstance(self.policy, DynamicTree)  # top-k children need only their ranking
+        grown = [self.policy.start(r.tokens[-1], c, r.sampler, sampled) for r, c in zip(rows, caps)]
+        N = self.policy.max_nodes + self.policy.per_round  # ids a round may touch (real nodes + one round of padding)
+        toks = torch.zeros(B, N, dtype=torch.long)
+        toks[:, 0] = torch.tensor([r.tokens[-1] for r in rows])
+        parents = torch.full((B, N), -1, dtype=torch.long)
+        depth = torch.zeros(B, N, dtype=torch.long)
+        anc = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)
+        prov = torch.full((B, N), PAD, dtype=torch.int8)
+        prov[:, 0] = int(Provenance.root)
+        probs = torch.zeros(B, N, self.vocab, dtype=torch.float64) if sampled else None
+        logits = self._catch_up(rows)[:, None]  # [B, 1, Vd]: the root
+        cached = torch.tensor([self.cached[r.slot] for r in rows])  # the root sits at slot cached - 1
+        fed = [[0] for _ in range(B)]
+        view = self.cache.view_rows(0, B)
+        while True:
+            if logits is None:
+                p = None
+            elif ranked:  # ([B, m, K] probabilities, [B, m, K] token ids) of the K most likely children
+                p = self._top(logits, self.policy.num_nodes - 1, self.policy.value_temperature)
+            else:
+                p = self._probs(logits)  # [B, m, V]: distributions at the nodes just fed
+            feed: list[list[int]] = []
+            grew = False
+            for b, g in enumerate(grown):
+                for j, node in enumerate(fed[b]):
+                    if sampled:
+                        probs[b, node] = p[b, j]
+                    g.feed(node, probs[b, node] if sampled else (p[0][b][j], p[1][b][j]) if ranked else p[b, j])
+                new = g.grow()
+                grew |= bool(new)
+                for c in new:
+                    par = g.parents[c]
+                    toks[b, c], parents[b, c], depth[b, c] = g.tokens[c], par, g.depth[c]
+                    anc[b, c] = anc[b, par]
+                    anc[b, c, c] = True
+                    prov[b, c] = int(g.provs[c])
+                want = [i for i, c in enumerate(new) if g.wants(c)]
+                feed.append(new[want[0]:want[-1] + 1] if want else [])  # contiguous: the next forward's range
+            if not grew:
+                break
+            fed = feed
+            width = max(len(f) for f in feed)
+            if width == 0:  # nothing to feed, but rows may still add siblings of fed nodes
+                logits = None
+                continue
+            lo = torch.tensor([f[0] if f else g.n for f, g in zip(feed, grown)])
+            work = TreeBatch([], toks, parents, depth, anc, prov)
+            block = Block.tree_ranges(cached, work, self._kv_len(int(cached.max()) + N - 1), lo, width,
+                                      base=cached - 1, device=self.device)
+            ids = lo[:, None] + torch.arange(width)[None]
+            logits = self.model(toks.gather(1, ids).to(self.device), block.positions, view, block)  # [B, width, Vd]
+        n = max(g.n for g in grown)
+        T = bucket_for(self.buckets, n)
+        return TreeBatch([TreeTopology(tuple(g.parents)) for g in grown], toks[:, :T].clone(), parents[:, :T].clone(),
+                         depth[:, :T].clone(), anc[:, :T, :T].clone(), prov[:, :T].clone(),
+                         None if probs is None else probs[:, :T].clone())

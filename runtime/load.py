@@ -20,6 +20,7 @@ from runtime import vocab_trim
 from runtime.models.llama import LlamaConfig, init_random, perturbed_copy, trim_lm_head
 from runtime.models.mamba_checkpoint import load_mamba2
 from runtime.transforms import TransformReport, transform_models
+from runtime.tree_policies import BeamTree, DynamicTree, Policy
 from spec_compiler.checkpoint import read_eos_ids
 from spec_compiler.plan import ModelPlan, Plan
 from spec_compiler.schema import AcceptanceRule, ChildKind
@@ -97,7 +98,7 @@ def new_cache(model, plan: Plan, rows: int = 1):
     """A cache of `rows` rows of plan.cache_capacity slots; SSM caches also keep per-node scratch states for
     one tree per row."""
     if isinstance(model, mamba2.Mamba2LMModel):
-        return model.new_cache(rows, plan.cache_capacity, num_scratch=len(plan.tree_parents) + 1)
+        return model.new_cache(rows, plan.cache_capacity, num_scratch=plan.tree_slots + 1)
     return model.new_cache(rows, plan.cache_capacity)
 
 
@@ -116,7 +117,17 @@ def make_drafter(plan: Plan, target, cache=None, tokenizer=None, eos_ids: tuple[
         trim_lm_head(model, s2t)
     return ModelDrafter(model, topo, plan.cache_capacity, ChildKind(plan.child_kind), plan.drafter_temperature,
                         target.config.vocab_size, rows=rows, s2t=s2t, kv_window=plan.kv_window,
-                        cache=new_cache(model, plan, rows))
+                        cache=new_cache(model, plan, rows), policy=grown_policy(plan))
+
+
+def grown_policy(plan: Plan) -> Policy:
+    """The plan's run-time tree builder (tree=dynamic | beam), or None for a static tree."""
+    g = plan.grown_tree
+    if g is None:
+        return None
+    if g.policy == "dynamic":
+        return DynamicTree(g.num_nodes, g.max_depth, g.threshold, g.expand_per_round, g.value_temperature)
+    return BeamTree(g.beam_width, g.beam_depth)
 
 
 def load(plan: Plan, batch_size: int = 1) -> Runtime:

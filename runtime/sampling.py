@@ -486,6 +486,10 @@ class DraftSampler(Protocol):
         prov iid = with replacement, wor = an ordered sample without replacement."""
         ...
 
+    def gumbel(self, shape: tuple[int, ...]) -> Tensor:
+        """Standard Gumbel noise of `shape`, float64 (stochastic beam search)."""
+        ...
+
 
 class TorchDraftSampler:
     """`DraftSampler` over a torch.Generator: multinomial (iid) and Gumbel-top-k (wor)."""
@@ -503,3 +507,7 @@ class TorchDraftSampler:
         u = torch.rand(p.shape, generator=self.gen, dtype=torch.float64).clamp_min(1e-300)
         keys = torch.log(p) - torch.log(-torch.log(u))  # Gumbel-top-k: an ordered sample without replacement
         return torch.topk(keys, b).indices.tolist()
+
+    def gumbel(self, shape: tuple[int, ...]) -> Tensor:
+        u = torch.rand(shape, generator=self.gen, dtype=torch.float64).clamp_min(1e-300)
+        return -torch.log(-torch.log(u))

@@ -16,7 +16,7 @@ from typing import Optional
 
 from spec_compiler.schema import DrafterKind, ModelConfig, ModelSource
 from spec_compiler.tree import tree_buckets
-from spec_compiler.validate import Resolved, resolve_path
+from spec_compiler.validate import Resolved, grown_bounds, resolve_path, tree_slots
 
 PLAN_VERSION = 1
 
@@ -62,6 +62,29 @@ head are; RMSNorm as LayerNorm is not (torch 2.13's fused rms_norm is as fast)."
 
 
 @dataclass(frozen=True)
+class GrownTreePlan:
+    """tree.policy=dynamic | beam: the run-time tree builder's settings (runtime/tree_policies.py)."""
+
+    policy: str
+    num_nodes: int
+    """dynamic: node budget (root included)."""
+    max_depth: int
+    threshold: float
+    expand_per_round: int
+    value_temperature: float
+    beam_width: int
+    beam_depth: int
+
+    @property
+    def max_nodes(self) -> int:
+        return self.num_nodes if self.policy == "dynamic" else 1 + self.beam_width * self.beam_depth
+
+    @property
+    def per_round(self) -> int:
+        return self.expand_per_round if self.policy == "dynamic" else self.beam_width
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     target: ModelPlan
@@ -74,7 +97,7 @@ class Plan:
     """(min_ngram, max_ngram, num_pred_tokens)."""
     tree_policy: str
     tree_parents: tuple[int, ...]
-    """The static topology (the largest tree a step may verify)."""
+    """The static topology (the largest tree a step may verify); root only for grown trees (grown_tree)."""
     child_kind: str
     acceptance: str
     greedy: bool
@@ -94,6 +117,8 @@ class Plan:
     """Tree sizes a verify forward is padded to (powers of two below the tree size, and the size)."""
     vocab_trim: Optional[VocabTrimPlan] = None
     """The drafter's LM head is trimmed (VocabTrim); None = full head."""
+    grown_tree: Optional[GrownTreePlan] = None
+    """tree.policy=dynamic | beam: trees grown per request at run time (tree_parents is then root only)."""
     cpu_transforms: CpuTransforms = CpuTransforms()
     """Load-time CPU fast paths (runtime/transforms.py); all off unless device is cpu."""
     environment: tuple[tuple[str, Optional[str]], ...] = ()
@@ -108,6 +133,12 @@ class Plan:
 
     def plan_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def tree_slots(self) -> int:
+        """Cache slots past the text one step's tree may touch (SSM caches keep as many scratch states)."""
+        g = self.grown_tree
+        return len(self.tree_parents) if g is None else g.max_nodes + g.per_round
 
     @property
     def readable_name(self) -> str:
@@ -161,6 +192,14 @@ def _cpu_transforms(resolved: Resolved, device: str) -> CpuTransforms:
                             for k, default in asdict(CPU_TRANSFORM_DEFAULTS).items()})
 
 
+def _grown_tree_plan(cfg) -> Optional[GrownTreePlan]:
+    if grown_bounds(cfg) is None:
+        return None
+    t = cfg.tree
+    return GrownTreePlan(t.policy.value, t.num_nodes, t.max_depth, float(t.threshold), t.expand_per_round,
+                         float(t.value_temperature), t.beam_width, t.beam_depth)
+
+
 def make_plan(resolved: Resolved) -> Plan:
     cfg = resolved.cfg
     d, s, topo = cfg.drafter, cfg.sampling, resolved.topology
@@ -192,10 +231,11 @@ def make_plan(resolved: Resolved) -> Plan:
         backend=cfg.backend.kind.value,
         device=resolved.device,
         max_seq_len=cfg.target.max_seq_len,
-        cache_capacity=cfg.target.max_seq_len + topo.n,
+        cache_capacity=cfg.target.max_seq_len + tree_slots(cfg, topo),
         kv_window=cfg.backend.kv_window.value,
         verify_head=cfg.backend.verify_head.value,
-        tree_buckets=tree_buckets(topo.n),
+        tree_buckets=tree_buckets(topo.n if grown_bounds(cfg) is None else grown_bounds(cfg)[0]),
+        grown_tree=_grown_tree_plan(cfg),
         vocab_trim=_vocab_trim_plan(resolved),
         cpu_transforms=_cpu_transforms(resolved, resolved.device),
         environment=environment(resolved.device_name),

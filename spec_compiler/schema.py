@@ -63,7 +63,12 @@ class TreePolicy(str, enum.Enum):
     chain = "chain"
     """k draft tokens in a line."""
     static = "static"
-    """A fixed tree: every node at depth d has branching[d] children."""
+    """A fixed tree: every node at depth d has branching[d] children (tree=rsd_c: RSD-C, with children=wor)."""
+    dynamic = "dynamic"
+    """DySpec: each request's tree grown at run time by a max-heap on path probability (num_nodes, max_depth,
+    threshold, expand_per_round)."""
+    beam = "beam"
+    """RSD-S: stochastic beam search without replacement over sequences (beam_width, beam_depth)."""
 
 
 class ChildSampling(str, enum.Enum):
@@ -309,11 +314,41 @@ class TreeConfig:
     branching: list[int] = field(default_factory=lambda: [4, 2, 2, 1])
     """policy=static: children per node at each depth; the tree has len(branching) levels."""
     children: ChildSampling = ChildSampling.topk
-    """How a node's children are drawn from the drafter (greedy decoding always uses top-k)."""
+    """How a node's children are drawn from the drafter (greedy decoding always uses top-k). dynamic / beam at
+    temperature > 0: wor (sampled without replacement) or topk (deterministic picks); iid is refused."""
+    num_nodes: int = 16
+    """policy=dynamic: node budget per tree, the root included (the verify forward's size); >= 2."""
+    max_depth: int = 8
+    """policy=dynamic: deepest draft node (also capped by each request's remaining tokens); >= 1."""
+    threshold: float = 0.0
+    """policy=dynamic: stop growing a tree when its best child position's value (an estimate of the path
+    probability) is below this, in [0, 1); 0 = the budget alone stops (DySpec picks about 1 / num_nodes)."""
+    expand_per_round: int = 4
+    """policy=dynamic: most child positions taken per request per drafter forward, >= 1. A round also ends when
+    a node made in it could hold the best position, so the tree is DySpec's best-first one whatever this is;
+    larger values only save drafter forwards."""
+    value_temperature: float = 0.25
+    """policy=dynamic with top-k children (greedy decoding, or children=topk): temperature of the drafter
+    distribution the heap's path probabilities are computed from, > 0. Greedy verification accepts the
+    drafter's top pick far more often than its probability at temperature 1 says; 0.25 measured best of
+    {1, 0.5, 0.25} on the local suite (benchmarks/cpu/tree_policies_bench.md). Sampled children always use
+    the distribution they are drawn from (drafter.temperature)."""
+    beam_width: int = 4
+    """policy=beam: beams kept per level (W), >= 1, at most the drafter's vocabulary."""
+    beam_depth: int = 5
+    """policy=beam: levels (D), >= 1; the tree has at most 1 + W * D nodes."""
 
     def __post_init__(self):
         if self.k < 0:
             raise ConfigError("tree.k", "must be >= 0", self.k)
+        for key, lo in (("num_nodes", 2), ("max_depth", 1), ("expand_per_round", 1), ("beam_width", 1),
+                        ("beam_depth", 1)):
+            if getattr(self, key) < lo:
+                raise ConfigError(f"tree.{key}", f"must be >= {lo}", getattr(self, key))
+        if self.value_temperature <= 0:
+            raise ConfigError("tree.value_temperature", "must be > 0", self.value_temperature)
+        if not 0.0 <= self.threshold < 1.0:
+            raise ConfigError("tree.threshold", "must be in [0, 1) (a path probability; 0 = off)", self.threshold)
         if not self.branching:
             raise ConfigError("tree.branching", "must list at least one level", list(self.branching))
         for i, b in enumerate(self.branching):

@@ -6,7 +6,9 @@ children, the ancestor-or-self rows, their bitsets, root-to-leaf paths) is deriv
 `runtime.batch` turns them into tensors. Pure Python: the planner and validator use it without torch.
 
 Static policies (`chain`, `static`) are built in breadth-first order, so every level is a contiguous
-range of node ids; drafters fill a level in one forward.
+range of node ids; drafters fill a level in one forward. Trees grown at run time (`dynamic`, `beam`:
+runtime/tree_policies.py) keep ids in creation order instead (parents before children, each drafter
+round's new nodes a contiguous range); they need not be level ordered.
 """
 from __future__ import annotations
 

@@ -109,12 +109,54 @@ def _mamba2_arch(m: ModelConfig) -> Mamba2Config:
                         attn_rotary_base=m.rope_theta, tie_embeddings=m.tie_word_embeddings)
 
 
+GROWN = (TreePolicy.dynamic, TreePolicy.beam)
+"""Policies whose trees are grown at run time (no static topology)."""
+
+
 def _topology(cfg: SpecConfig) -> TreeTopology:
-    if cfg.drafter.kind is DrafterKind.none:
-        return TreeTopology.chain(0)
+    if cfg.drafter.kind is DrafterKind.none or cfg.tree.policy in GROWN:
+        return TreeTopology.chain(0)  # grown trees: no static topology (see tree_slots)
     if cfg.tree.policy is TreePolicy.chain:
         return TreeTopology.chain(cfg.tree.k)
     return TreeTopology.static(cfg.tree.branching)
+
+
+def grown_bounds(cfg: SpecConfig) -> Optional[tuple[int, int]]:
+    """(most nodes of one tree, most nodes one drafter round adds) for a grown policy, else None."""
+    t = cfg.tree
+    if cfg.drafter.kind is DrafterKind.none or t.policy not in GROWN:
+        return None
+    if t.policy is TreePolicy.dynamic:
+        return t.num_nodes, t.expand_per_round
+    return 1 + t.beam_width * t.beam_depth, t.beam_width
+
+
+def tree_slots(cfg: SpecConfig, topo: TreeTopology) -> int:
+    """Cache slots past the text one step's tree may touch: the static tree's size, or a grown tree's most
+    nodes plus one drafter round of padding."""
+    b = grown_bounds(cfg)
+    return topo.n if b is None else b[0] + b[1]
+
+
+def _check_grown(cfg: SpecConfig, drafter_arch) -> None:
+    """dynamic / beam: a model drafter, a beam no wider than its vocabulary, children that keep RRS exact."""
+    t, d = cfg.tree, cfg.drafter
+    if t.policy not in GROWN or d.kind is DrafterKind.none:  # none: plain decoding, warned about above
+        return
+    if d.kind is not DrafterKind.model:
+        raise ConfigError("tree.policy", f"{t.policy.value} trees are grown from a draft model's distributions; "
+                          f"drafter.kind={d.kind.value} has none: use drafter=model (or default), or tree=static / "
+                          "tree=chain", t.policy.value)
+    if t.policy is TreePolicy.beam:
+        vocab = drafter_arch.vocab_size
+        if d.vocab_trim.enabled:
+            vocab = min(vocab, d.vocab_trim.size)
+        if t.beam_width > vocab:
+            raise ConfigError("tree.beam_width", f"exceeds the drafter's vocabulary ({vocab} tokens)", t.beam_width)
+    if cfg.sampling.temperature > 0 and t.children is ChildSampling.iid:
+        raise ConfigError("tree.children", f"biased at temperature > 0: {t.policy.value} trees keep children by "
+                          "their values, which i.i.d. duplicates break; use tree.children=wor (sampled without "
+                          "replacement, exact with RRS-WOR) or topk", t.children.value)
 
 
 def _child_kind(cfg: SpecConfig) -> ChildKind:
@@ -131,10 +173,11 @@ def _check_sampling(cfg: SpecConfig, topo: TreeTopology, kind: ChildKind) -> Non
             _warn("sampling.top_k/top_p", "no effect under greedy decoding (temperature = 0)")
         if rule is not AcceptanceRule.auto:
             _warn("sampling.acceptance", "no effect under greedy decoding (temperature = 0)")
-        if cfg.drafter.kind is DrafterKind.model and cfg.tree.children is not ChildSampling.topk:
+        if cfg.drafter.kind is DrafterKind.model and cfg.tree.children is not ChildSampling.topk \
+                and not (cfg.tree.policy in GROWN and cfg.tree.children is ChildSampling.wor):  # their yaml's default
             _warn("tree.children", "no effect under greedy decoding (temperature = 0): children are the top-k")
         return
-    multi = any(len(c) > 1 for c in topo.children)
+    multi = any(len(c) > 1 for c in topo.children) or cfg.tree.policy in GROWN
     safe = "use sampling.acceptance=auto (or sample_match)"
     if rule is AcceptanceRule.rrs_draft_probs and kind is ChildKind.deterministic:
         how = "prompt-lookup drafts" if cfg.drafter.kind is DrafterKind.prompt_lookup else "top-k children"
@@ -204,16 +247,18 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
         _warn("tree.branching", "no effect with tree.policy=chain (use tree=static for a branching tree)")
     if d.kind is not DrafterKind.none and cfg.tree.policy is TreePolicy.static and cfg.tree.k != tree_defaults.k:
         _warn("tree.k", "no effect with tree.policy=static (tree.branching sets the shape; tree=chain uses k)")
-    if d.kind is DrafterKind.none and cfg.tree.policy is TreePolicy.static:
+    if d.kind is DrafterKind.none and cfg.tree.policy in (TreePolicy.static,) + GROWN:
         _warn("tree", "no effect with drafter=none (plain autoregressive decoding)")
     if d.kind is DrafterKind.prompt_lookup and cfg.tree.children is not ChildSampling.topk:
         _warn("tree.children", "no effect with drafter=prompt_lookup (n-gram drafts are deterministic)")
+    _check_grown(cfg, drafter_arch)
+    n_tree = tree_slots(cfg, topo)
     for arch, key in ((target_arch, "target"), (drafter_arch, "drafter")):
-        if isinstance(arch, Mamba2Config) and topo.n > arch.chunk_size:
-            raise ConfigError("tree", f"a tree of {topo.n} nodes exceeds the {key}'s single-chunk limit "
+        if isinstance(arch, Mamba2Config) and n_tree > arch.chunk_size:
+            raise ConfigError("tree", f"a tree of {n_tree} nodes exceeds the {key}'s single-chunk limit "
                               f"(chunk_size={arch.chunk_size}) for SSM tree verification")
-    if topo.n > t.max_seq_len // 2:
-        raise ConfigError("tree", f"a tree of {topo.n} nodes does not fit target.max_seq_len={t.max_seq_len} "
+    if n_tree > t.max_seq_len // 2:
+        raise ConfigError("tree", f"a tree of {n_tree} nodes does not fit target.max_seq_len={t.max_seq_len} "
                           "(at most half the context)")
     kind = _child_kind(cfg)
     _check_sampling(cfg, topo, kind)
