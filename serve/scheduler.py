@@ -107,7 +107,7 @@ class Scheduler:
         self.serving = serving
         self.engine: Engine = self.rt.engine()
         self.engine.prefill_chunk = serving.prefill_chunk
-        self.depth = _tree_depth(self.rt)
+        self.depth = self.rt.plan.tree_depth
         self._profile_ids = self.rt.tokenizer.encode(profile_prompt).ids
         self.policy = make_policy(serving, self.depth, self._profile)
         self.counters = Stats(self.depth)
@@ -298,11 +298,3 @@ class Scheduler:
                 self._finish(job, r.result.stop_reason, new)
             else:
                 self._emit(job, new, False)
-
-
-def _tree_depth(rt) -> int:
-    """Depth of the plan's tree (0 for no drafter: the policy has nothing to choose)."""
-    from spec_compiler.tree import TreeTopology
-    if rt.plan.drafter_kind == "none":
-        return 0
-    return TreeTopology(rt.plan.tree_parents).max_depth

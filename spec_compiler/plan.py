@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from spec_compiler.schema import DrafterKind, ModelConfig, ModelSource
-from spec_compiler.tree import tree_buckets
+from spec_compiler.tree import TreeTopology, tree_buckets
 from spec_compiler.validate import Resolved, grown_bounds, resolve_path, tree_slots
 
 PLAN_VERSION = 1
@@ -139,6 +139,16 @@ class Plan:
         """Cache slots past the text one step's tree may touch (SSM caches keep as many scratch states)."""
         g = self.grown_tree
         return len(self.tree_parents) if g is None else g.max_nodes + g.per_round
+
+    @property
+    def tree_depth(self) -> int:
+        """The most draft levels one step verifies (0: no drafter)."""
+        if self.drafter_kind == "none":
+            return 0
+        g = self.grown_tree
+        if g is None:
+            return TreeTopology(self.tree_parents).max_depth
+        return min(g.max_depth, g.num_nodes - 1) if g.policy == "dynamic" else g.beam_depth
 
     @property
     def readable_name(self) -> str:

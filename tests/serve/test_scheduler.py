@@ -199,9 +199,9 @@ def test_profile_measured_once_and_reused(rt, tmp_path):
 
 
 # ---- SmartSpec ------------------------------------------------------------------------------------------
-def flat_profile(draft_cost: float = 0.15) -> LatencyProfile:
+def flat_profile(draft_cost: float = 0.15, max_k: int = 4) -> LatencyProfile:
     """A step costs 1 + draft_cost per draft level (times a mild batch factor), at any context."""
-    bs, ks = [1, 2, 4, 8], list(range(5))
+    bs, ks = [1, 2, 4, 8], list(range(max_k + 1))
     table = [[(1 + 0.05 * b) * (1 + draft_cost * k) for k in ks] for b in bs]
     return LatencyProfile([64, 512], bs, ks, [table, table])
 
@@ -246,3 +246,23 @@ def test_smartspec_k_follows_acceptance(noise, expect, tmp_path):
         eng.step([ks[-1]] * len(rows))
         sched.policy.observe(rows)
     assert ks[0] == 4 and ks[-1] == expect, ks
+
+
+@pytest.mark.parametrize("tree,depth", [("dynamic", 7), ("beam", 5), ("top3", 1)])
+def test_serving_grown_and_static_trees(tree, depth, tmp_path):
+    """SmartSpec's k ranges over the plan's tree depth for every policy; served outputs equal alone."""
+    rt = runtime_for(tree=tree, extra=SMALL[:3] + (("tree.num_nodes=8",) if tree == "dynamic" else ()))
+    flat_profile(0.05, max_k=depth).save(tmp_path / "p.json")
+    sched = Scheduler(rt, ServingConfig(policy=ServingPolicy.smartspec, max_batch_size=2,
+                                        profile=str(tmp_path / "p.json"))).start()
+    try:
+        assert sched.policy.max_k == depth == rt.plan.tree_depth
+        assert sched.policy.profile.ks == list(range(depth + 1))  # the saved profile, not re-measured
+        jobs = [sched.submit(Job(p, 12)) for p in random_prompts(3, seed=9)]
+        deadline = time.time() + 60
+        while not all(j.done for j in jobs) and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        sched.stop()
+    for j in jobs:
+        assert j.output_ids == alone(rt, j.prompt_ids, 12)
