@@ -40,15 +40,17 @@ class _Row:
 
 
 class PromptLookupDrafter:
-    def __init__(self, topology: TreeTopology, min_ngram: int, max_ngram: int, num_pred_tokens: int, rows: int):
+    def __init__(self, topology: TreeTopology, min_ngram: int, max_ngram: int, num_pred_tokens: int, rows: int,
+                 budget: int | None = None):
+        """budget: the most nodes of a tree, root included (default topology.n)."""
         assert 1 <= min_ngram <= max_ngram, (min_ngram, max_ngram)
         self.min_n, self.max_n = min_ngram, max_ngram
         self.depth = min(topology.max_depth, num_pred_tokens)
         self.width = len(topology.children[0])  # chain: 1 continuation; static: up to branching[0]
-        self.budget = topology.n
+        self.budget = topology.n if budget is None else budget
         self.topology, self.num_pred = topology, num_pred_tokens
-        self.buckets: tuple[int, ...] = tree_buckets(topology.n)
-        """TreeBatch sizes: powers of two below the plan topology's n, then n."""
+        self.buckets: tuple[int, ...] = tree_buckets(self.budget)
+        """TreeBatch sizes: powers of two below the budget, then the budget."""
         self.rows: list[_Row | None] = [None] * rows
         self._topologies: dict[tuple[int, ...], TreeTopology] = {}  # one object per shape: its tensors are cached
 
@@ -65,7 +67,7 @@ class PromptLookupDrafter:
 
     def with_rows(self, rows: int) -> "PromptLookupDrafter":
         """The same settings for `rows` cache rows (no request state)."""
-        return PromptLookupDrafter(self.topology, self.min_n, self.max_n, self.num_pred, rows)
+        return PromptLookupDrafter(self.topology, self.min_n, self.max_n, self.num_pred, rows, self.budget)
 
     # ---- drafting --------------------------------------------------------------------------------------
     def propose(self, rows: Sequence, max_depth: Sequence[int]) -> TreeBatch:

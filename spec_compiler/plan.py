@@ -16,7 +16,7 @@ from typing import Optional
 
 from spec_compiler.schema import DrafterKind, ModelConfig, ModelSource
 from spec_compiler.tree import tree_buckets
-from spec_compiler.validate import Resolved, resolve_path
+from spec_compiler.validate import Resolved, corpus_matches, resolve_path, retrieval_tree_sizes
 
 PLAN_VERSION = 1
 
@@ -45,6 +45,26 @@ class VocabTrimPlan:
     keep: tuple[str, ...]
     artifact: Optional[str]
     """Absolute calibration file, or None for artifacts/vocab_trim/<key>.json."""
+
+
+@dataclass(frozen=True)
+class RetrievalPlan:
+    """The retrieval source (runtime/retrieval.py); fused with the model drafter when there is one."""
+
+    kind: str
+    """context | datastore."""
+    min_ngram: int
+    max_ngram: int
+    cont_len: int
+    max_candidates: int
+    max_nodes: int
+    num_candidates: int
+    corpus: tuple[str, ...]
+    """datastore: absolute paths (globs expanded, sorted); () = the project corpus's training files."""
+    cache_dir: str
+    """Absolute datastore directory."""
+    store: Optional[str] = None
+    """Absolute prebuilt store directory (used as is), or None."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,8 @@ class Plan:
     """The drafter's LM head is trimmed (VocabTrim); None = full head."""
     cpu_transforms: CpuTransforms = CpuTransforms()
     """Load-time CPU fast paths (runtime/transforms.py); all off unless device is cpu."""
+    retrieval: Optional[RetrievalPlan] = None
+    """The retrieval source (alone with drafter_kind none, else fused: RASD); None = no retrieval."""
     environment: tuple[tuple[str, Optional[str]], ...] = ()
     """(name, value) pairs that determine compiled output: library versions and the device (`environment`)."""
     plan_version: int = PLAN_VERSION
@@ -159,6 +181,16 @@ def _cpu_transforms(resolved: Resolved, device: str) -> CpuTransforms:
                             for k, default in asdict(CPU_TRANSFORM_DEFAULTS).items()})
 
 
+def _retrieval_plan(resolved: Resolved) -> Optional[RetrievalPlan]:
+    r = resolved.cfg.retrieval
+    if r.kind.value == "none":
+        return None
+    corpus = tuple(str(p) for entry in r.corpus for p in corpus_matches(entry)) if r.kind.value == "datastore" else ()
+    return RetrievalPlan(r.kind.value, r.min_ngram, r.max_ngram, r.cont_len, r.max_candidates, r.max_nodes,
+                         r.num_candidates, corpus, str(resolve_path(r.cache_dir)),
+                         None if r.store is None else str(resolve_path(r.store)))
+
+
 def make_plan(resolved: Resolved) -> Plan:
     cfg = resolved.cfg
     d, s, topo = cfg.drafter, cfg.sampling, resolved.topology
@@ -168,8 +200,10 @@ def make_plan(resolved: Resolved) -> Plan:
     elif cfg.target.model.source is ModelSource.checkpoint:
         tok = str(resolve_path(cfg.target.model.checkpoint) / "tokenizer.json")
     pl = d.prompt_lookup
-    name = "-".join([cfg.target.name, d.name, cfg.tree.policy.value if d.kind is not DrafterKind.none else "ar",
-                     cfg.backend.kind.value])
+    retrieval = _retrieval_plan(resolved)
+    verify_nodes, score_nodes = retrieval_tree_sizes(cfg, topo)
+    name = "-".join([cfg.target.name, d.name] + ([retrieval.kind] if retrieval else []) +
+                    [cfg.tree.policy.value if d.kind is not DrafterKind.none else "ar", cfg.backend.kind.value])
     return Plan(
         name=name,
         target=_model_plan(cfg.target.model, resolved.target_arch, cfg.target.model.arch.value),
@@ -190,10 +224,11 @@ def make_plan(resolved: Resolved) -> Plan:
         backend=cfg.backend.kind.value,
         device=resolved.device,
         max_seq_len=cfg.target.max_seq_len,
-        cache_capacity=cfg.target.max_seq_len + topo.n,
+        cache_capacity=cfg.target.max_seq_len + max(verify_nodes, score_nodes),
         kv_window=cfg.backend.kv_window.value,
-        tree_buckets=tree_buckets(topo.n),
+        tree_buckets=tree_buckets(verify_nodes),
         vocab_trim=_vocab_trim_plan(resolved),
         cpu_transforms=_cpu_transforms(resolved, resolved.device),
+        retrieval=retrieval,
         environment=environment(resolved.device_name),
     )
