@@ -43,7 +43,7 @@ def methods(args) -> tuple[object, dict]:
     rt, drafters = None, {}
     for kind in args.retrieval:
         over = base + [f"retrieval={kind}", f"retrieval.max_nodes={args.max_nodes}",
-                       f"retrieval.num_candidates={args.num_candidates}"]
+                       f"retrieval.num_candidates={args.num_candidates}"] + [f"retrieval.{k}" for k in args.retrieval_set]
         if kind == "datastore" and args.corpus:
             over.append(f"retrieval.corpus=[{','.join(args.corpus)}]")
         plan = plan_for(over)
@@ -52,8 +52,10 @@ def methods(args) -> tuple[object, dict]:
             model = rt.drafter.model
             drafters = {"autoregressive": NoDrafter(), "model": model}
         drafters[f"retrieval-{kind}"] = make_retrieval(plan, rt.tokenizer, 1, fused=False)
-        drafters[f"rasd-{kind}"] = FusedDrafter(model, make_retrieval(plan, rt.tokenizer, 1, fused=True),
-                                                plan.retrieval.max_nodes)
+        for prune in args.prune:
+            name = f"rasd-{kind}" + (f"-{prune}" if len(args.prune) > 1 else "")
+            drafters[name] = FusedDrafter(model, make_retrieval(plan, rt.tokenizer, 1, fused=True),
+                                          plan.retrieval.max_nodes, prune)
     return rt, drafters
 
 
@@ -80,6 +82,8 @@ def main_(argv=None) -> None:
     ap.add_argument("--tree", default="top3")
     ap.add_argument("--max-nodes", type=int, default=16)
     ap.add_argument("--num-candidates", type=int, default=48)
+    ap.add_argument("--prune", nargs="+", default=["path"], choices=["path", "root"])
+    ap.add_argument("--retrieval-set", nargs="*", default=[], help="extra retrieval.KEY=VALUE settings")
     ap.add_argument("--num-prompts", type=int, default=0, help="0 = all")
     ap.add_argument("--per-category", type=int, default=0, help="the first N prompts of each category (0 = all)")
     ap.add_argument("--max-new-tokens", type=int, default=96)

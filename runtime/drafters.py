@@ -133,6 +133,16 @@ class ModelDrafter:
             self.cached[r.slot] = len(r.tokens)
         return logits  # [B, Vd]
 
+    def columns(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The logit column of each target id (-1: the trimmed head lacks it; ids beyond the head stay as they
+        are, for the caller to bound by the logits' width)."""
+        if self.s2t is None:
+            return tokens
+        if getattr(self, "_t2s", None) is None:
+            self._t2s = torch.full((self.vocab,), -1, dtype=torch.long)
+            self._t2s[self.s2t] = torch.arange(len(self.s2t))
+        return self._t2s[tokens.clamp(0, self.vocab - 1)]
+
     @torch.inference_mode()
     def path_logprobs(self, rows: Sequence, tree: TreeBatch, root_logits: torch.Tensor) -> list[list[float]]:
         """Log-probability of every node's root path under the draft model (its drafting temperature), for
@@ -151,11 +161,7 @@ class ModelDrafter:
                                                    block)], 1)  # [B, T, Vd]: distribution at each node
         logp = torch.log_softmax(logits.to(torch.float64) / self.temperature, -1).cpu()
         Vd = logp.shape[-1]
-        col = tree.tokens
-        if self.s2t is not None:  # target id -> logit column (-1: trimmed away)
-            t2s = torch.full((max(self.vocab, int(col.max()) + 1),), -1, dtype=torch.long)
-            t2s[self.s2t] = torch.arange(len(self.s2t))
-            col = t2s[col]
+        col = self.columns(tree.tokens)
         par = tree.parents.clamp(min=0)
         ok = (col >= 0) & (col < Vd)
         cond = logp[torch.arange(B)[:, None], par, col.clamp(0, Vd - 1)]  # [B, T]: log p(node | its parent's path)

@@ -136,7 +136,8 @@ def make_drafter(plan: Plan, target, cache=None, tokenizer=None, eos_ids: tuple[
                            target.config.vocab_size, rows=rows, s2t=s2t, kv_window=plan.kv_window,
                            cache=new_cache(model, plan, rows))
     if retrieval is not None:
-        return FusedDrafter(drafter, make_retrieval(plan, tokenizer, rows, fused=True), retrieval.max_nodes)
+        return FusedDrafter(drafter, make_retrieval(plan, tokenizer, rows, fused=True), retrieval.max_nodes,
+                            retrieval.prune)
     return drafter
 
 

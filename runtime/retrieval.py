@@ -28,6 +28,7 @@ most topology.n + max_nodes nodes. Proven by exact enumeration in tests/runtime/
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Sequence
 
 import torch
@@ -132,11 +133,32 @@ def fuse(model: TreeBatch, cand: TreeBatch, keep: list[list[int]], buckets: Sequ
     return TreeBatch.build(topos, toks, provs, T, dp)
 
 
+def root_logprobs(model, tree: TreeBatch, root_logits: torch.Tensor) -> list[list[float]]:
+    """`prune="root"` scores: log(count-rank weight) + log p_root(the path's first token), with p_root the draft
+    model's root distribution (no forward). Candidates come best first (descending count), so a node's rank
+    stands in for its count; a child ranks after its parent, which keeps the kept set closed."""
+    logp = torch.log_softmax(root_logits.to(torch.float64) / model.temperature, -1).cpu()  # [B, Vd]
+    Vd = logp.shape[-1]
+    out = []
+    cols = model.columns(tree.tokens).tolist()
+    for b, topo in enumerate(tree.topologies):
+        first = [0] * topo.n
+        lp = [0.0] * topo.n
+        row = logp[b].tolist()
+        for i in range(1, topo.n):
+            first[i] = i if topo.parents[i] == 0 else first[topo.parents[i]]
+            col = cols[b][first[i]]
+            lp[i] = (row[col] if 0 <= col < Vd else math.log(1e-12)) - 1e-6 * i  # rank breaks ties
+        out.append(lp)
+    return out
+
+
 class FusedDrafter:
-    def __init__(self, model, retrieval, max_nodes: int):
+    def __init__(self, model, retrieval, max_nodes: int, prune: str = "path"):
         """model: a runtime.drafters.ModelDrafter; retrieval: a retrieval drafter (DatastoreDrafter or
-        PromptLookupDrafter) whose trees are the candidates; max_nodes: retrieved nodes kept after pruning."""
-        self.model, self.retrieval, self.max_nodes = model, retrieval, max_nodes
+        PromptLookupDrafter) whose trees are the candidates; max_nodes: retrieved nodes kept after pruning;
+        prune: "path" (path probability, one drafter forward) or "root" (`root_logprobs`, no forward)."""
+        self.model, self.retrieval, self.max_nodes, self.prune = model, retrieval, max_nodes, prune
         self.buckets = tree_buckets(model.topology.n + max_nodes)
 
     def start(self, slot: int, tokens: list[int]) -> None:
@@ -148,7 +170,7 @@ class FusedDrafter:
         self.retrieval.move(src, dst)
 
     def with_rows(self, rows: int) -> "FusedDrafter":
-        return FusedDrafter(self.model.with_rows(rows), self.retrieval.with_rows(rows), self.max_nodes)
+        return FusedDrafter(self.model.with_rows(rows), self.retrieval.with_rows(rows), self.max_nodes, self.prune)
 
     @property
     def cache(self):
@@ -161,7 +183,9 @@ class FusedDrafter:
         cand = self.retrieval.propose(rows, max_depth)
         root_logits = self.model._catch_up(rows)  # [B, Vd]
         if cand.T > 1:
-            keep = prune(cand, self.model.path_logprobs(rows, cand, root_logits), self.max_nodes)
+            score = self.model.path_logprobs(rows, cand, root_logits) if self.prune == "path" else \
+                root_logprobs(self.model, cand, root_logits)
+            keep = prune(cand, score, self.max_nodes)
         else:
             keep = [[0]] * len(rows)
         tree = self.model.propose(rows, max_depth, root_logits=root_logits)

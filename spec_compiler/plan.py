@@ -65,6 +65,8 @@ class RetrievalPlan:
     """Absolute datastore directory."""
     store: Optional[str] = None
     """Absolute prebuilt store directory (used as is), or None."""
+    prune: str = "path"
+    """path | root (RetrievalPrune)."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,7 @@ def _retrieval_plan(resolved: Resolved) -> Optional[RetrievalPlan]:
     corpus = tuple(str(p) for entry in r.corpus for p in corpus_matches(entry)) if r.kind.value == "datastore" else ()
     return RetrievalPlan(r.kind.value, r.min_ngram, r.max_ngram, r.cont_len, r.max_candidates, r.max_nodes,
                          r.num_candidates, corpus, str(resolve_path(r.cache_dir)),
-                         None if r.store is None else str(resolve_path(r.store)))
+                         None if r.store is None else str(resolve_path(r.store)), r.prune.value)
 
 
 def make_plan(resolved: Resolved) -> Plan:

@@ -68,6 +68,14 @@ class RetrievalKind(str, enum.Enum):
     """Suffix lookup in a corpus datastore (REST): a suffix array over the corpus's token ids."""
 
 
+class RetrievalPrune(str, enum.Enum):
+    path = "path"
+    """Rank candidates by their path probability under the draft model: one drafter forward over the candidates."""
+    root = "root"
+    """Rank by count x the draft model's probability of the path's first token (the root distribution the
+    drafter computes anyway): no extra forward."""
+
+
 class TreePolicy(str, enum.Enum):
     chain = "chain"
     """k draft tokens in a line."""
@@ -253,7 +261,9 @@ class RetrievalConfig:
     max_nodes: int = 16
     """Retrieved nodes (root excluded) a step verifies: the retrieval-only tree's size, or what pruning keeps."""
     num_candidates: int = 48
-    """With a model drafter: candidate nodes scored by one drafter forward before pruning to max_nodes (RASD)."""
+    """With a model drafter: candidate nodes scored by the draft model before pruning to max_nodes (RASD)."""
+    prune: RetrievalPrune = RetrievalPrune.path
+    """With a model drafter: how candidates are scored (path: one drafter forward; root: no forward)."""
     corpus: list[str] = field(default_factory=list)
     """datastore: files, directories (their .py/.txt/.md files), globs, or .jsonl text corpora (a `text` field,
     or Spec-Bench `turns`), relative to the project root; empty = the project corpus's training files (the

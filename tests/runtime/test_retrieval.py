@@ -89,7 +89,7 @@ def test_store_is_deterministic_reused_and_refused_for_another_tokenizer(corpus_
     assert a.path.name == b.path.name  # keyed by corpus and tokenizer only
     for f in ("tokens.npy", "sa.npy"):
         assert (a.path / f).read_bytes() == (b.path / f).read_bytes()
-    assert isinstance(a.tokens, np.memmap) and isinstance(a.sa, np.memmap)
+    assert isinstance(a.tokens.base, np.memmap) and isinstance(a.sa.base, np.memmap)  # memory-mapped
     docs, _ = read_corpus(entries)
     text = "\x00".join(d.text for d in docs)
     assert "def add" in text and "return x + y" in text and "b" in [d.text for d in docs]
