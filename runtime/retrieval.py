@@ -7,10 +7,12 @@ any retrieval drafter. Both have the drafter interface of runtime/drafters.py.
   and `retrieval=context drafter=none` are that one implementation with different settings.
 - `FusedDrafter` (RASD), one step for all rows:
     1. the retrieval drafter's candidate trees (up to `num_candidates` nodes per row);
-    2. the model drafter's catch-up (root logits), then one draft-model forward over every row's candidate
-       tree: each node's path log-probability (`ModelDrafter.path_logprobs`);
-    3. pruning: per row the `max_nodes` candidates of highest path probability (closed under parents: a
-       path's probability never exceeds its prefix's; ties go to the shallower node);
+    2. the model drafter's catch-up (root logits) and the candidates' scores: `prune="path"`, one draft-model
+       forward over every row's candidate tree, each node's path log-probability
+       (`ModelDrafter.path_logprobs`); `prune="root"`, no forward: the draft model's root probability of
+       the node's first token, then its count rank (`root_logprobs`);
+    3. pruning: per row the `max_nodes` candidates of highest score (closed under parents: a path's
+       probability never exceeds its prefix's, a child ranks after its parent; ties go to the shallower node);
     4. the model's own tree, grown from the same root logits;
     5. fusion by longest-prefix trie insertion: each kept candidate walks down from its parent's fused node and
        merges into a child with its token, or becomes a new child there. Nodes are renumbered breadth first
@@ -154,7 +156,7 @@ def root_logprobs(model, tree: TreeBatch, root_logits: torch.Tensor) -> list[lis
 
 
 class FusedDrafter:
-    def __init__(self, model, retrieval, max_nodes: int, prune: str = "path"):
+    def __init__(self, model, retrieval, max_nodes: int, prune: str = "root"):
         """model: a runtime.drafters.ModelDrafter; retrieval: a retrieval drafter (DatastoreDrafter or
         PromptLookupDrafter) whose trees are the candidates; max_nodes: retrieved nodes kept after pruning;
         prune: "path" (path probability, one drafter forward) or "root" (`root_logprobs`, no forward)."""

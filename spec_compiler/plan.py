@@ -65,8 +65,8 @@ class RetrievalPlan:
     """Absolute datastore directory."""
     store: Optional[str] = None
     """Absolute prebuilt store directory (used as is), or None."""
-    prune: str = "path"
-    """path | root (RetrievalPrune)."""
+    prune: str = "root"
+    """root | path (RetrievalPrune)."""
 
 
 @dataclass(frozen=True)

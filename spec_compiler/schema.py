@@ -258,12 +258,13 @@ class RetrievalConfig:
     max_candidates: int = 8
     """Continuations per lookup: context = the most recent distinct ones; datastore = the most frequent
     (a trie of at most this many leaves)."""
-    max_nodes: int = 16
+    max_nodes: int = 8
     """Retrieved nodes (root excluded) a step verifies: the retrieval-only tree's size, or what pruning keeps."""
-    num_candidates: int = 48
+    num_candidates: int = 24
     """With a model drafter: candidate nodes scored by the draft model before pruning to max_nodes (RASD)."""
-    prune: RetrievalPrune = RetrievalPrune.path
-    """With a model drafter: how candidates are scored (path: one drafter forward; root: no forward)."""
+    prune: RetrievalPrune = RetrievalPrune.root
+    """With a model drafter: how candidates are ranked (root: no forward, the default: on the 2-core CPU it kept
+    the same tau as path and ran faster, benchmarks/cpu/rasd_*.md; path: one drafter forward)."""
     corpus: list[str] = field(default_factory=list)
     """datastore: files, directories (their .py/.txt/.md files), globs, or .jsonl text corpora (a `text` field,
     or Spec-Bench `turns`), relative to the project root; empty = the project corpus's training files (the

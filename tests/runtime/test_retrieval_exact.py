@@ -33,13 +33,13 @@ CTX = (1, 3, 0)
 CORPUS = [3, 0, 2, 1, V, 3, 0, 2, 2, V, 3, 0, 1, 2, V, 1, 3, 0, 3, 3, V]
 
 
-def fused_drafter(draft_model, topo: TreeTopology, kind: ChildKind, max_nodes: int, seen: list):
+def fused_drafter(draft_model, topo: TreeTopology, kind: ChildKind, max_nodes: int, seen: list, prune="path"):
     n = topo.n + 16
     cache = draft_model.new_cache(1, 64 + n, **({"num_scratch": n + 1}
                                                 if isinstance(draft_model, mamba2.Mamba2LMModel) else {}))
     model = ModelDrafter(draft_model, topo, 64 + n, kind, 1.1, V, rows=1, cache=cache)
     source = DatastoreDrafter(Datastore.from_tokens(CORPUS, V), 1, 2, 2, 4, 6)
-    d = FusedDrafter(model, source, max_nodes)
+    d = FusedDrafter(model, source, max_nodes, prune)
 
     def draft(ctx, sampler):
         d.start(0, list(ctx))
@@ -57,17 +57,19 @@ def mixed_under_one_parent(topo: TreeTopology, provs) -> bool:
     return any(len({provs[c] for c in kids}) > 1 for kids in topo.children)
 
 
-@pytest.mark.parametrize("arch,topo,kind,max_nodes", [
-    ("llama", TreeTopology.static([2, 1]), ChildKind.wor, 4),
-    ("mamba2", TreeTopology.static([2]), ChildKind.iid, 5),
-    ("llama", TreeTopology.static([2]), ChildKind.deterministic, 3),
-    ("mamba2", TreeTopology.static([2]), ChildKind.deterministic, 3),
-], ids=["llama-wor21", "mamba2-iid2", "llama-top2", "mamba2-top2"])
-def test_fused_trees_are_lossless(arch, topo, kind, max_nodes):
+@pytest.mark.parametrize("arch,topo,kind,max_nodes,prune", [
+    ("llama", TreeTopology.static([2, 1]), ChildKind.wor, 4, "path"),
+    ("mamba2", TreeTopology.static([2]), ChildKind.iid, 5, "path"),
+    ("llama", TreeTopology.static([2]), ChildKind.deterministic, 3, "path"),
+    ("mamba2", TreeTopology.static([2]), ChildKind.deterministic, 3, "path"),
+    ("llama", TreeTopology.static([2]), ChildKind.wor, 3, "root"),
+], ids=["llama-wor21", "mamba2-iid2", "llama-top2", "mamba2-top2", "llama-wor2-root"])
+def test_fused_trees_are_lossless(arch, topo, kind, max_nodes, prune):
     target, draft_model = models(arch)
     world = ModelWorld(target, temperature=0.9)
     seen: list = []
-    outs = step_outcomes(world, fused_drafter(draft_model, topo, kind, max_nodes, seen), AcceptanceRule.auto, CTX)
+    outs = step_outcomes(world, fused_drafter(draft_model, topo, kind, max_nodes, seen, prune), AcceptanceRule.auto,
+                         CTX)
     assert abs(sum(w for *_, w in outs) - 1.0) < TOL
     m = 4  # longer than any tree's path + bonus
     got, want = joint_of(world, outs, CTX, m), world.ar_joint(CTX, m)
