@@ -174,10 +174,6 @@ class FusedDrafter:
     def with_rows(self, rows: int) -> "FusedDrafter":
         return FusedDrafter(self.model.with_rows(rows), self.retrieval.with_rows(rows), self.max_nodes, self.prune)
 
-    @property
-    def cache(self):
-        return self.model.cache
-
     @torch.inference_mode()
     def propose(self, rows: Sequence, max_depth: Sequence[int]) -> TreeBatch:
         if max(max_depth) <= 0:

@@ -239,3 +239,39 @@ def test_fusion_merges_by_longest_prefix_and_orders_drafted_first():
         src = {1: 0, 5: 1, 7: 2, 9: 3}.get(toks[i]) if prov[i] != P.retrieved else None
         want = model.draft_probs[0, src] if src is not None else torch.zeros(11, dtype=torch.float64)
         assert torch.equal(out.draft_probs[0, i], want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# config -> plan
+# ---------------------------------------------------------------------------------------------------
+def plan_of(overrides):
+    from tests.conftest import compose_config
+    return main.prepare(compose_config(overrides), in_run=False)[1]
+
+
+def test_plan_sizes_trees_and_caches_for_fusion():
+    fused = plan_of(["retrieval=context", "tree=chain", "tree.k=3", "retrieval.max_nodes=5",
+                     "retrieval.num_candidates=20"])
+    r = fused.retrieval
+    assert (r.kind, r.max_nodes, r.num_candidates, r.prune) == ("context", 5, 20, "root")
+    assert fused.tree_buckets[-1] == 4 + 5  # the model's chain plus the kept retrieved nodes
+    assert fused.cache_capacity == fused.max_seq_len + 21  # the candidates' drafter forward is the largest
+    alone = plan_of(["drafter=none", "retrieval=context", "retrieval.max_nodes=6"])
+    assert alone.tree_buckets[-1] == 7 and alone.drafter_kind == "none" and "context" in alone.name
+    assert plan_of([]).retrieval is None
+
+
+@pytest.mark.parametrize("overrides,key,words", [
+    (["drafter=prompt_lookup", "retrieval=context"], "retrieval.kind", "already is context retrieval"),
+    (["retrieval=context", "sampling=sample", "tree.children=iid", "sampling.acceptance=rrs_draft_probs"], "sampling.acceptance",
+     "retrieved nodes are deterministic"),
+    (["retrieval=context", "retrieval.max_ngram=0"], "retrieval.max_ngram", "must be >= min_ngram"),
+    (["retrieval=datastore", "retrieval.store=/nonexistent/store"], "retrieval.store", "not found"),
+    (["target=mamba2_tiny", "drafter=none", "retrieval=context", "retrieval.max_nodes=300"], "retrieval.max_nodes",
+     "single-chunk limit"),
+])
+def test_bad_retrieval_config_is_refused(overrides, key, words):
+    from spec_compiler.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        plan_of(overrides)
+    assert e.value.where == key and words in e.value.reason, str(e.value)
