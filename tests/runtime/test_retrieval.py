@@ -183,12 +183,12 @@ def reference(target):
     return outs, Datastore.from_tokens(corpus, V)
 
 
-def draft_model(model, topo: TreeTopology, rows: int):
+def draft_model(model, topo: TreeTopology, rows: int, child=ChildKind.deterministic):
     """An independent random model of the target's family: it rarely agrees with the target."""
     ssm = isinstance(model, mamba2.Mamba2LMModel)
     m = (mamba2.init_random_mamba2(SSM, seed=3) if ssm else init_random(LLAMA, seed=3)).eval()
     nodes = topo.n + CANDIDATES + 1
-    return ModelDrafter(m, topo, MAX_SEQ + nodes, ChildKind.deterministic, 1.0, V, rows=rows,
+    return ModelDrafter(m, topo, MAX_SEQ + nodes, child, 1.0, V, rows=rows,
                         cache=new_cache(m, rows, nodes))
 
 
@@ -275,3 +275,23 @@ def test_bad_retrieval_config_is_refused(overrides, key, words):
     with pytest.raises(ConfigError) as e:
         plan_of(overrides)
     assert e.value.where == key and words in e.value.reason, str(e.value)
+
+
+def test_sampled_fused_batch_equals_alone(target, reference):
+    """Temperature > 0 (mixed settings per row): a request's fused-tree output is the same in a batch as alone."""
+    from tests.runtime.test_batch import MIXED
+    _, model = target
+    _, store = reference
+    topo = TreeTopology.static([2, 1])
+
+    def run(reqs, rows):
+        d = FusedDrafter(draft_model(model, topo, rows, ChildKind.wor), DatastoreDrafter(store, 1, 8, 6, 3, CANDIDATES),
+                         MAX_NODES)
+        eng = Engine(model, new_cache(model, rows, topo.n + MAX_NODES), d, max_seq_len=MAX_SEQ)
+        return [r.output_ids for r in eng.generate(reqs)]
+
+    def reqs():
+        return [Request(p, n, sp, torch.Generator().manual_seed(2 * s), torch.Generator().manual_seed(2 * s + 1))
+                for s, (p, n, sp) in enumerate(zip(prompts()[:3], (12, 10, 8), MIXED[:3]))]
+    alone = [run([r], 1)[0] for r in reqs()]
+    assert run(reqs(), 2) == alone
