@@ -295,3 +295,14 @@ def test_sampled_fused_batch_equals_alone(target, reference):
                 for s, (p, n, sp) in enumerate(zip(prompts()[:3], (12, 10, 8), MIXED[:3]))]
     alone = [run([r], 1)[0] for r in reqs()]
     assert run(reqs(), 2) == alone
+
+
+def test_prompt_lookup_drafter_is_context_retrieval_alone():
+    """drafter=prompt_lookup and retrieval=context with drafter=none build the same drafter (one implementation)."""
+    from runtime.load import make_drafter
+    a = make_drafter(plan_of(["drafter=prompt_lookup", "tree=static", "tree.branching=[4,1,1]",
+                              "drafter.prompt_lookup.num_pred_tokens=3"]), None)
+    b = make_drafter(plan_of(["drafter=none", "retrieval=context", "retrieval.max_candidates=4",
+                              "retrieval.cont_len=3", "retrieval.max_nodes=12"]), None)
+    assert type(a) is type(b) is PromptLookupDrafter
+    assert [(d.width, d.depth, d.budget, d.min_n, d.max_n) for d in (a, b)] == [(4, 3, 13, 1, 3)] * 2
