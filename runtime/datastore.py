@@ -23,6 +23,7 @@ Shape legend: N corpus tokens, M sampled occurrences, D continuation length.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import json
@@ -147,17 +148,9 @@ class Datastore:
     def _bound(self, pattern: list[int], upper: bool) -> int:
         """First suffix-array row whose suffix is > pattern (upper) / >= pattern (lower), comparing only the
         first len(pattern) tokens."""
-        n, lo, hi = len(pattern), 0, self.N
-        tokens, sa = self.tokens, self.sa
-        while lo < hi:
-            mid = (lo + hi) // 2
-            p = int(sa[mid])
-            head = tokens[p:p + n].tolist()
-            if head < pattern or (upper and head == pattern):
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        n, tokens, sa = len(pattern), self.tokens, self.sa
+        head = lambda i: tokens[sa[i]:sa[i] + n].tolist()  # noqa: E731
+        return (bisect.bisect_right if upper else bisect.bisect_left)(range(self.N), pattern, key=head)
 
     def match(self, pattern: list[int]) -> tuple[int, int]:
         """The suffix-array rows [lo, hi) of the occurrences of `pattern`."""

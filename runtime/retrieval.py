@@ -89,9 +89,12 @@ def prune(tree: TreeBatch, logp: list[list[float]], max_nodes: int) -> list[list
     return out
 
 
-def fuse(model: TreeBatch, cand: TreeBatch, keep: list[list[int]], buckets: Sequence[int]) -> TreeBatch:
+def fuse(model: TreeBatch, cand: TreeBatch, keep: list[list[int]], buckets: Sequence[int],
+         topologies: dict | None = None) -> TreeBatch:
     """The model's trees with each row's kept candidates inserted by longest-prefix matching (module docstring),
-    renumbered breadth first, drafted children before retrieved-only ones; padded to a bucket."""
+    renumbered breadth first, drafted children before retrieved-only ones; padded to a bucket. topologies: a
+    cache of TreeTopology objects by parents (their derived tensors are cached on them)."""
+    topologies = {} if topologies is None else topologies
     B = model.B
     mtoks, mprov = model.tokens.tolist(), model.provenance.tolist()
     ctoks = cand.tokens.tolist()
@@ -121,7 +124,13 @@ def fuse(model: TreeBatch, cand: TreeBatch, keep: list[list[int]], buckets: Sequ
             for c in kids[node]:
                 new[c] = len(order)
                 order.append(c)
-        topos.append(TreeTopology(tuple(-1 if i == 0 else new[parents[i]] for i in order)))
+        key = tuple(-1 if i == 0 else new[parents[i]] for i in order)
+        topo = topologies.get(key)
+        if topo is None:
+            if len(topologies) > 4096:
+                topologies.clear()
+            topo = topologies[key] = TreeTopology(key)
+        topos.append(topo)
         toks.append([tokens[i] for i in order])
         provs.append([prov[i] for i in order])
         src.append([i if i < mt.n else -1 for i in order])  # the model node each fused node is, or -1
@@ -142,16 +151,14 @@ def root_logprobs(model, tree: TreeBatch, root_logits: torch.Tensor) -> list[lis
     logp = torch.log_softmax(root_logits.to(torch.float64) / model.temperature, -1).cpu()  # [B, Vd]
     Vd = logp.shape[-1]
     out = []
-    cols = model.columns(tree.tokens).tolist()
+    cols = model.columns(tree.tokens)  # [B, T] logit column of each node's token
     for b, topo in enumerate(tree.topologies):
-        first = [0] * topo.n
-        lp = [0.0] * topo.n
-        row = logp[b].tolist()
+        first = [0] * topo.n  # the depth-1 ancestor of each node
         for i in range(1, topo.n):
             first[i] = i if topo.parents[i] == 0 else first[topo.parents[i]]
-            col = cols[b][first[i]]
-            lp[i] = (row[col] if 0 <= col < Vd else math.log(1e-12)) - 1e-6 * i  # rank breaks ties
-        out.append(lp)
+        c = cols[b, first]
+        lp = torch.where((c >= 0) & (c < Vd), logp[b, c.clamp(0, Vd - 1)], math.log(1e-12)).tolist()
+        out.append([0.0] + [lp[i] - 1e-6 * i for i in range(1, topo.n)])  # the rank breaks ties
     return out
 
 
@@ -162,6 +169,7 @@ class FusedDrafter:
         prune: "path" (path probability, one drafter forward) or "root" (`root_logprobs`, no forward)."""
         self.model, self.retrieval, self.max_nodes, self.prune = model, retrieval, max_nodes, prune
         self.buckets = tree_buckets(model.topology.n + max_nodes)
+        self._topologies: dict[tuple[int, ...], TreeTopology] = {}
 
     def start(self, slot: int, tokens: list[int]) -> None:
         self.model.start(slot, tokens)
@@ -189,4 +197,4 @@ class FusedDrafter:
         tree = self.model.propose(rows, max_depth, root_logits=root_logits)
         if all(len(k) == 1 for k in keep):
             return tree
-        return fuse(tree, cand, keep, self.buckets)
+        return fuse(tree, cand, keep, self.buckets, self._topologies)

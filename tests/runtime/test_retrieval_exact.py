@@ -101,8 +101,8 @@ def test_merged_node_relabelled_retrieved_is_biased(monkeypatch):
     """Power check: the other choice for a node both drafted and retrieved, a δ proposal, is not exact."""
     real = R.fuse
 
-    def relabel(model, cand, keep, buckets):
-        out = real(model, cand, keep, buckets)
+    def relabel(model, cand, keep, *args):
+        out = real(model, cand, keep, *args)
         topo, toks = out.topologies[0], out.row_tokens(0)
         ct, ctoks = cand.topologies[0], cand.row_tokens(0)
         kept = {tuple(ctoks[j] for j in ct.path(i)[1:]) for i in keep[0][1:]}
