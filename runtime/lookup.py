@@ -6,6 +6,10 @@ each occurrence, D = min(tree depth, num_pred_tokens, the row's max_depth)); the
 ones (width = the root's children in the plan topology) are merged into a trie with distinct children
 per node and at most `budget` (= the plan topology's n) nodes. Every draft node is `Provenance.retrieved`.
 
+This is also `retrieval=context` (runtime/load.py: make_retrieval): alone with `drafter=none`, width
+`retrieval.max_candidates`, depth `cont_len`, budget `max_nodes + 1`; as the candidate source of the RASD
+fusion (runtime/retrieval.py) with budget `num_candidates + 1`.
+
 The index never rescans the text. Per row it maps each n-gram to its distinct D-token continuations,
 most recent last (a dict used as an ordered set, value: the end position of that continuation's latest
 occurrence). An occurrence ending at e enters the index once its continuation is complete (e + D is
