@@ -206,7 +206,8 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
     if d.kind is not DrafterKind.none and cfg.tree.policy is TreePolicy.static and cfg.tree.k != tree_defaults.k:
         _warn("tree.k", "no effect with tree.policy=static (tree.branching sets the shape; tree=chain uses k)")
     if d.kind is DrafterKind.none and cfg.tree.policy is TreePolicy.static:
-        _warn("tree", "no effect with drafter=none (plain autoregressive decoding)")
+        _warn("tree", "no effect with drafter=none (" + ("plain autoregressive decoding)" if cfg.retrieval.kind is
+                                                       RetrievalKind.none else "the trees come from retrieval.*)"))
     if d.kind is DrafterKind.prompt_lookup and cfg.tree.children is not ChildSampling.topk:
         _warn("tree.children", "no effect with drafter=prompt_lookup (n-gram drafts are deterministic)")
     for arch, key in ((target_arch, "target"), (drafter_arch, "drafter")):
