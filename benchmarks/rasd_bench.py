@@ -43,7 +43,8 @@ def methods(args) -> tuple[object, dict]:
     rt, drafters = None, {}
     for kind in args.retrieval:
         over = base + [f"retrieval={kind}", f"retrieval.max_nodes={args.max_nodes}",
-                       f"retrieval.num_candidates={args.num_candidates}"] + [f"retrieval.{k}" for k in args.retrieval_set]
+                       f"retrieval.num_candidates={args.num_candidates}"]
+        over += [f"retrieval.{k}" for k in args.retrieval_set]
         if kind == "datastore" and args.corpus:
             over.append(f"retrieval.corpus=[{','.join(args.corpus)}]")
         plan = plan_for(over)

@@ -18,7 +18,8 @@ from spec_compiler.arch import LlamaConfig, Mamba2Config
 from spec_compiler.checkpoint import read_llama_config, read_mamba2_config
 from spec_compiler.errors import CheckpointError, ConfigError
 from spec_compiler.schema import (AcceptanceRule, Arch, ChildKind, ChildSampling, check_arch, Device, DrafterKind,
-                                  ModelConfig, ModelSource, RetrievalKind, SpecConfig, TreeConfig, TreePolicy)
+                                  ModelConfig, ModelSource, RetrievalKind, RetrievalPrune, SpecConfig, TreeConfig,
+                                  TreePolicy)
 from spec_compiler.tokenizer import get_tokenizer
 from spec_compiler.tree import TreeTopology
 
@@ -246,8 +247,8 @@ def retrieval_tree_sizes(cfg: SpecConfig, topo: TreeTopology) -> tuple[int, int]
     r = cfg.retrieval
     if r.kind is RetrievalKind.none:
         return topo.n, 0
-    if cfg.drafter.kind is DrafterKind.model:
-        return topo.n + r.max_nodes, r.num_candidates + 1
+    if cfg.drafter.kind is DrafterKind.model:  # prune=path scores the candidates in one drafter forward
+        return topo.n + r.max_nodes, r.num_candidates + 1 if r.prune is RetrievalPrune.path else 0
     return 1 + r.max_nodes, 0
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import main
-from runtime.datastore import Datastore, build_store, load_store, open_store, read_corpus, tokenizer_hash
+from runtime.datastore import Datastore, load_store, open_store, read_corpus, tokenizer_hash
 from runtime.decode import Engine, Request, SamplingParams
 from runtime.drafters import ModelDrafter, NoDrafter
 from runtime.lookup import PromptLookupDrafter
@@ -77,7 +77,8 @@ def corpus_dir(tmp_path):
     (d / "pkg" / "a.py").write_text("def add(x, y):\n    return x + y\n\n\ndef sub(x, y):\n    return x - y\n")
     (d / "pkg" / "b.py").write_text("class Point:\n    def __init__(self, x, y):\n        self.x = x\n")
     (d / "pkg" / "skip.bin").write_bytes(b"\x00\x01")  # not a text suffix: a directory leaves it out
-    (d / "docs.jsonl").write_text(json.dumps({"text": "return x + y"}) + "\n" + json.dumps({"turns": ["a", "b"]}) + "\n")
+    rows = [{"text": "return x + y"}, {"turns": ["a", "b"]}]
+    (d / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d
 
 
@@ -138,8 +139,9 @@ def bad_corpora(tmp_path_factory):
 ], ids=["missing", "empty", "binary", "not-utf8", "jsonl-row"])
 def test_bad_corpus_exits_2_naming_the_key(corpus, reason, bad_corpora, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = [b for b in BASE if not b.startswith("drafter=")] + ["drafter=none", "retrieval=datastore", f"retrieval.corpus=[{corpus.format(d=bad_corpora)}]",
-                   f"retrieval.cache_dir={tmp_path / 'stores'}"]
+    argv = [b for b in BASE if not b.startswith("drafter=")] + [
+        "drafter=none", "retrieval=datastore", f"retrieval.corpus=[{corpus.format(d=bad_corpora)}]",
+        f"retrieval.cache_dir={tmp_path / 'stores'}"]
     code = main.cli(argv)
     out, err = capsys.readouterr()
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
@@ -251,11 +253,13 @@ def plan_of(overrides):
 
 def test_plan_sizes_trees_and_caches_for_fusion():
     fused = plan_of(["retrieval=context", "tree=chain", "tree.k=3", "retrieval.max_nodes=5",
-                     "retrieval.num_candidates=20"])
+                     "retrieval.num_candidates=20", "retrieval.prune=path"])
     r = fused.retrieval
-    assert (r.kind, r.max_nodes, r.num_candidates, r.prune) == ("context", 5, 20, "root")
+    assert (r.kind, r.max_nodes, r.num_candidates, r.prune) == ("context", 5, 20, "path")
     assert fused.tree_buckets[-1] == 4 + 5  # the model's chain plus the kept retrieved nodes
     assert fused.cache_capacity == fused.max_seq_len + 21  # the candidates' drafter forward is the largest
+    root = plan_of(["retrieval=context", "tree=chain", "tree.k=3", "retrieval.max_nodes=5"])
+    assert root.retrieval.prune == "root" and root.cache_capacity == root.max_seq_len + 9  # no scoring forward
     alone = plan_of(["drafter=none", "retrieval=context", "retrieval.max_nodes=6"])
     assert alone.tree_buckets[-1] == 7 and alone.drafter_kind == "none" and "context" in alone.name
     assert plan_of([]).retrieval is None
@@ -263,8 +267,8 @@ def test_plan_sizes_trees_and_caches_for_fusion():
 
 @pytest.mark.parametrize("overrides,key,words", [
     (["drafter=prompt_lookup", "retrieval=context"], "retrieval.kind", "already is context retrieval"),
-    (["retrieval=context", "sampling=sample", "tree.children=iid", "sampling.acceptance=rrs_draft_probs"], "sampling.acceptance",
-     "retrieved nodes are deterministic"),
+    (["retrieval=context", "sampling=sample", "tree.children=iid", "sampling.acceptance=rrs_draft_probs"],
+     "sampling.acceptance", "retrieved nodes are deterministic"),
     (["retrieval=context", "retrieval.max_ngram=0"], "retrieval.max_ngram", "must be >= min_ngram"),
     (["retrieval=datastore", "retrieval.store=/nonexistent/store"], "retrieval.store", "not found"),
     (["target=mamba2_tiny", "drafter=none", "retrieval=context", "retrieval.max_nodes=300"], "retrieval.max_nodes",
