@@ -137,7 +137,7 @@ def make_drafter(plan: Plan, target, cache=None, tokenizer=None, eos_ids: tuple[
                            cache=new_cache(model, plan, rows))
     if retrieval is not None:
         return FusedDrafter(drafter, make_retrieval(plan, tokenizer, rows, fused=True), retrieval.max_nodes,
-                            retrieval.prune)
+                            retrieval.prune, retrieval.skip_model_after)
     return drafter
 
 

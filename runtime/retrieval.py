@@ -163,30 +163,46 @@ def root_logprobs(model, tree: TreeBatch, root_logits: torch.Tensor) -> list[lis
 
 
 class FusedDrafter:
-    def __init__(self, model, retrieval, max_nodes: int, prune: str = "root"):
+    def __init__(self, model, retrieval, max_nodes: int, prune: str = "root", skip_model_after: int = 0):
         """model: a runtime.drafters.ModelDrafter; retrieval: a retrieval drafter (DatastoreDrafter or
         PromptLookupDrafter) whose trees are the candidates; max_nodes: retrieved nodes kept after pruning;
-        prune: "path" (path probability, one drafter forward) or "root" (`root_logprobs`, no forward)."""
+        prune: "path" (path probability, one drafter forward) or "root" (`root_logprobs`, no forward);
+        skip_model_after: when every row's previous step emitted at least this many tokens and retrieval has
+        candidates, the step drafts from retrieval alone (the max_nodes best-ranked candidates) and the model
+        catches up at its next forward (0 = never). It looks only at the history, never at this step's target."""
         self.model, self.retrieval, self.max_nodes, self.prune = model, retrieval, max_nodes, prune
+        self.skip_model_after = skip_model_after
         self.buckets = tree_buckets(model.topology.n + max_nodes)
         self._topologies: dict[tuple[int, ...], TreeTopology] = {}
+        self.seen = [0] * len(model.cached)  # per row: its token count at the previous step (0: none yet)
 
     def start(self, slot: int, tokens: list[int]) -> None:
         self.model.start(slot, tokens)
         self.retrieval.start(slot, tokens)
+        self.seen[slot] = 0
 
     def move(self, src: int, dst: int) -> None:
         self.model.move(src, dst)
         self.retrieval.move(src, dst)
+        self.seen[dst] = self.seen[src]
 
     def with_rows(self, rows: int) -> "FusedDrafter":
-        return FusedDrafter(self.model.with_rows(rows), self.retrieval.with_rows(rows), self.max_nodes, self.prune)
+        return FusedDrafter(self.model.with_rows(rows), self.retrieval.with_rows(rows), self.max_nodes, self.prune,
+                            self.skip_model_after)
 
     @torch.inference_mode()
     def propose(self, rows: Sequence, max_depth: Sequence[int]) -> TreeBatch:
         if max(max_depth) <= 0:
             return TreeBatch.roots([r.tokens[-1] for r in rows])
         cand = self.retrieval.propose(rows, max_depth)
+        g = self.skip_model_after
+        streak = g > 0 and cand.T > 1 and all(self.seen[r.slot] and len(r.tokens) - self.seen[r.slot] >= g
+                                              for r in rows)
+        for r in rows:
+            self.seen[r.slot] = len(r.tokens)
+        if streak:  # retrieval alone: candidates come best first, so the first max_nodes are closed under parents
+            keep = [list(range(min(t.n, self.max_nodes + 1))) for t in cand.topologies]
+            return fuse(TreeBatch.roots([r.tokens[-1] for r in rows]), cand, keep, self.buckets, self._topologies)
         root_logits = self.model._catch_up(rows)  # [B, Vd]
         if cand.T > 1:
             score = self.model.path_logprobs(rows, cand, root_logits) if self.prune == "path" else \

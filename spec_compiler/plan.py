@@ -67,6 +67,8 @@ class RetrievalPlan:
     """Absolute prebuilt store directory (used as is), or None."""
     prune: str = "root"
     """root | path (RetrievalPrune)."""
+    skip_model_after: int = 0
+    """Steps after one that emitted at least this many tokens draft from retrieval alone (0 = never)."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ def _retrieval_plan(resolved: Resolved) -> Optional[RetrievalPlan]:
     corpus = tuple(str(p) for entry in r.corpus for p in corpus_matches(entry)) if r.kind.value == "datastore" else ()
     return RetrievalPlan(r.kind.value, r.min_ngram, r.max_ngram, r.cont_len, r.max_candidates, r.max_nodes,
                          r.num_candidates, corpus, str(resolve_path(r.cache_dir)),
-                         None if r.store is None else str(resolve_path(r.store)), r.prune.value)
+                         None if r.store is None else str(resolve_path(r.store)), r.prune.value, r.skip_model_after)
 
 
 def make_plan(resolved: Resolved) -> Plan:

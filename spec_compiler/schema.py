@@ -265,6 +265,9 @@ class RetrievalConfig:
     prune: RetrievalPrune = RetrievalPrune.root
     """With a model drafter: how candidates are ranked (root: no forward, the default: on the 2-core CPU it kept
     the same tau as path and ran faster, benchmarks/cpu/rasd_*.md; path: one drafter forward)."""
+    skip_model_after: int = 0
+    """With a model drafter: a step drafts from retrieval alone when every row's previous step emitted at least
+    this many tokens (a long retrieved run is being accepted; the draft model catches up later); 0 = never."""
     corpus: list[str] = field(default_factory=list)
     """datastore: files, directories (their .py/.txt/.md files), globs, or .jsonl text corpora (a `text` field,
     or Spec-Bench `turns`), relative to the project root; empty = the project corpus's training files (the
@@ -281,6 +284,8 @@ class RetrievalConfig:
                 raise ConfigError(f"retrieval.{name}", "must be >= 1", getattr(self, name))
         if self.max_ngram < self.min_ngram:
             raise ConfigError("retrieval.max_ngram", f"must be >= min_ngram ({self.min_ngram})", self.max_ngram)
+        if self.skip_model_after < 0:
+            raise ConfigError("retrieval.skip_model_after", "must be >= 0 (0 = never)", self.skip_model_after)
 
 
 @dataclass

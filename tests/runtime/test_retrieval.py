@@ -194,7 +194,7 @@ def draft_model(model, topo: TreeTopology, rows: int, child=ChildKind.determinis
                         cache=new_cache(m, rows, nodes))
 
 
-@pytest.mark.parametrize("method", ["datastore", "context", "rasd-datastore", "rasd-context"])
+@pytest.mark.parametrize("method", ["datastore", "context", "rasd-datastore", "rasd-context", "rasd-datastore-skip"])
 def test_greedy_retrieval_equals_autoregressive(target, reference, method):
     arch, model = target
     ref, store = reference
@@ -205,11 +205,20 @@ def test_greedy_retrieval_equals_autoregressive(target, reference, method):
         drafter = PromptLookupDrafter(TreeTopology.static([3, 1, 1, 1, 1, 1]), 1, 3, 6, rows, budget=MAX_NODES + 1)
         nodes = MAX_NODES + 1
     else:
-        source = DatastoreDrafter(store, 1, 8, 6, 3, CANDIDATES) if method == "rasd-datastore" else \
+        source = DatastoreDrafter(store, 1, 8, 6, 3, CANDIDATES) if method.startswith("rasd-datastore") else \
             PromptLookupDrafter(TreeTopology.static([3, 1, 1, 1, 1, 1]), 1, 3, 6, rows, budget=CANDIDATES + 1)
-        drafter, nodes = FusedDrafter(draft_model(model, topo, rows), source, MAX_NODES), topo.n + MAX_NODES
+        skip = 3 if method.endswith("-skip") else 0
+        drafter = FusedDrafter(draft_model(model, topo, rows), source, MAX_NODES, skip_model_after=skip)
+        nodes = topo.n + MAX_NODES
+    calls, steps = [], []
+    if method.endswith("-skip"):  # count the steps, and those the draft model drafted in
+        real, real_propose = drafter.model._catch_up, drafter.propose
+        drafter.model._catch_up = lambda rs: calls.append(len(rs)) or real(rs)
+        drafter.propose = lambda rs, md: steps.append(len(rs)) or real_propose(rs, md)
     res = generate(model, drafter, nodes, rows)
     assert [r.output_ids for r in res] == ref
+    if method.endswith("-skip"):
+        assert 0 < len(calls) < len(steps), (len(calls), len(steps))  # some steps drafted from retrieval alone
     tau = sum(len(r.output_ids) for r in res) / sum(r.steps for r in res)
     if "datastore" in method:
         assert tau > 1.5, tau  # the store holds these very texts
