@@ -19,6 +19,10 @@ any retrieval drafter. Both have the drafter interface of runtime/drafters.py.
        with every node's children in the order *drafted first (the model's order), retrieved-only after (in
        candidate order)*.
 
+`skip_model_after` (off by default): after a step that emitted a long run, the next step drafts from
+retrieval alone (no draft-model forward; the model catches up on the skipped tokens in its next forward). The
+choice depends on the history only, never on the step's own draws or target.
+
 Exactness at temperature > 0 (§0.3, §3.3): a merged node, both drafted and retrieved, keeps the drafter's
 provenance (topk / iid / wor): it was drawn from the drafter's law whatever retrieval proposed, so (a) holds
 for it; a retrieved-only child is δ(x), tried after every drafted sibling, and whether it exists depends only
