@@ -56,7 +56,7 @@ def methods(args) -> tuple[object, dict]:
         for prune in args.prune:
             name = f"rasd-{kind}" + (f"-{prune}" if len(args.prune) > 1 else "")
             drafters[name] = FusedDrafter(model, make_retrieval(plan, rt.tokenizer, 1, fused=True),
-                                          plan.retrieval.max_nodes, prune)
+                                          plan.retrieval.max_nodes, prune, 0)
             if args.skip_model_after:
                 drafters[name + f"-skip{args.skip_model_after}"] = FusedDrafter(
                     model, make_retrieval(plan, rt.tokenizer, 1, fused=True), plan.retrieval.max_nodes, prune,
