@@ -67,7 +67,7 @@ class RetrievalPlan:
     """Absolute prebuilt store directory (used as is), or None."""
     prune: str = "root"
     """root | path (RetrievalPrune)."""
-    skip_model_after: int = 3
+    skip_model_after: int = 0
     """Steps after one that emitted at least this many tokens draft from retrieval alone (0 = never)."""
 
 

@@ -279,6 +279,11 @@ def _check_retrieval(cfg: SpecConfig, topo: TreeTopology, target_arch, drafter_a
     elif r.num_candidates < r.max_nodes:
         _warn("retrieval.max_nodes", f"{r.max_nodes} > retrieval.num_candidates ({r.num_candidates}): pruning keeps "
               "at most the candidates")
+    if r.skip_model_after and d.kind is not DrafterKind.model:
+        _warn("retrieval.skip_model_after", "no effect without a model drafter")
+    elif r.skip_model_after and cfg.sampling.temperature > 0 and max([cfg.task.batch_size, *cfg.task.batch_sizes]) > 1:
+        _warn("retrieval.skip_model_after", "skips the draft model per batch: at temperature > 0 a request's tokens "
+              "may then depend on its batch (still exact in distribution)")
     if r.kind is RetrievalKind.datastore and r.store is not None:
         if not resolve_path(r.store).is_dir():
             raise ConfigError("retrieval.store", f"datastore directory not found: {resolve_path(r.store)}", r.store)
