@@ -88,7 +88,8 @@ def main_(argv=None) -> None:
     ap.add_argument("--max-nodes", type=int, default=8)
     ap.add_argument("--num-candidates", type=int, default=24)
     ap.add_argument("--prune", nargs="+", default=["root"], choices=["path", "root"])
-    ap.add_argument("--skip-model-after", type=int, default=0, help="also run RASD with this retrieval.skip_model_after")
+    ap.add_argument("--skip-model-after", type=int, default=0,
+                    help="also run RASD with this retrieval.skip_model_after")
     ap.add_argument("--retrieval-set", nargs="*", default=[], help="extra retrieval.KEY=VALUE settings")
     ap.add_argument("--num-prompts", type=int, default=0, help="0 = all")
     ap.add_argument("--per-category", type=int, default=0, help="the first N prompts of each category (0 = all)")
