@@ -268,8 +268,8 @@ class RetrievalConfig:
     skip_model_after: int = 0
     """With a model drafter: a step drafts from retrieval alone when every row's previous step emitted at least
     this many tokens (a long retrieved run is being accepted; the draft model catches up later); 0 = never.
-    3 measured faster on both suites (benchmarks/cpu/rasd_*.md), but the choice is per batch: greedy output is
-    unchanged, sampled output stays exact in distribution yet may depend on the batch, hence off by default."""
+    No consistent gain measured (benchmarks/cpu/rasd_*.md, the -skip3 rows); the choice is per batch: greedy
+    output is unchanged, sampled output stays exact in distribution yet may depend on the batch."""
     corpus: list[str] = field(default_factory=list)
     """datastore: files, directories (their .py/.txt/.md files), globs, or .jsonl text corpora (a `text` field,
     or Spec-Bench `turns`), relative to the project root; empty = the project corpus's training files (the
