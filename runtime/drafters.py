@@ -9,7 +9,9 @@
   distribution they came from is kept for the verifier (`TreeBatch.draft_probs`). With a growth policy
   (`runtime.tree_policies`: dynamic / beam) each row's tree is grown at run time instead, one forward per
   round for all rows (`_propose_grown`).
-- Prompt lookup (`runtime.lookup.PromptLookupDrafter`) has the same interface.
+- Prompt lookup (`runtime.lookup.PromptLookupDrafter`), the datastore drafter and the RASD fusion of a model
+  drafter with either (`runtime.retrieval`) have the same interface; the fusion scores retrieval candidates
+  with `ModelDrafter.path_logprobs` and passes the catch-up's root logits to `propose`.
 
 Interface shared by all drafters: `start(slot, tokens)` when a request is admitted to a row (its prompt is
 prefilled), `move(src, dst)` when the engine moves a request to another row, `propose(rows, max_depth)`
@@ -18,6 +20,7 @@ where `rows[b]` has `.tokens` (prompt + emitted; the last one is the root), `.sl
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -145,16 +148,59 @@ class ModelDrafter:
             self.cached[r.slot] = len(r.tokens)
         return logits  # [B, Vd]
 
+    def columns(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The logit column of each target id (-1: the trimmed head lacks it; ids beyond the head stay as they
+        are, for the caller to bound by the logits' width)."""
+        if self.s2t is None:
+            return tokens
+        if getattr(self, "_t2s", None) is None:
+            self._t2s = torch.full((self.vocab,), -1, dtype=torch.long)
+            self._t2s[self.s2t] = torch.arange(len(self.s2t))
+        return self._t2s[tokens.clamp(0, self.vocab - 1)]
+
     @torch.inference_mode()
-    def propose(self, rows: Sequence, max_depth: Sequence[int]) -> TreeBatch:
+    def path_logprobs(self, rows: Sequence, tree: TreeBatch, root_logits: torch.Tensor) -> list[list[float]]:
+        """Log-probability of every node's root path under the draft model (its drafting temperature), for
+        trees drafted elsewhere (retrieval candidates): one forward over nodes 1..T-1 of every row, the root
+        committed by the catch-up that gave `root_logits` [B, Vd]. A token the head lacks (beyond its
+        vocabulary, trimmed away) counts as probability 1e-12, so such nodes rank last rather than vanish.
+        Returns [B][n_b] (root: 0.0). Leaves the committed state alone."""
+        B, T = tree.B, tree.T
+        cached = torch.tensor([self.cached[r.slot] for r in rows])  # the root sits at slot cached - 1
+        logits = root_logits[:, None]  # [B, 1, Vd]
+        if T > 1:
+            block = Block.tree(cached, tree, self._kv_len(int(cached.max()) + T - 1), 1, T, base=cached - 1,
+                               device=self.device)
+            view = self.cache.view_rows(0, B)
+            logits = torch.cat([logits, self.model(tree.tokens[:, 1:].to(self.device), block.positions, view,
+                                                   block)], 1)  # [B, T, Vd]: distribution at each node
+        logp = torch.log_softmax(logits.to(torch.float64) / self.temperature, -1).cpu()
+        Vd = logp.shape[-1]
+        col = self.columns(tree.tokens)
+        par = tree.parents.clamp(min=0)
+        ok = (col >= 0) & (col < Vd)
+        cond = logp[torch.arange(B)[:, None], par, col.clamp(0, Vd - 1)]  # [B, T]: log p(node | its parent's path)
+        cond = torch.where(ok, cond.clamp(min=math.log(1e-12)), math.log(1e-12)).tolist()
+        out = []
+        for b, topo in enumerate(tree.topologies):
+            lp = [0.0] * topo.n
+            for i in range(1, topo.n):
+                lp[i] = lp[topo.parents[i]] + cond[b][i]
+            out.append(lp)
+        return out
+
+    @torch.inference_mode()
+    def propose(self, rows: Sequence, max_depth: Sequence[int], root_logits: torch.Tensor | None = None) -> TreeBatch:
+        """root_logits [B, Vd]: the rows were already caught up (`_catch_up`) and these are its logits."""
         if self.policy is not None:
+            assert root_logits is None, "retrieval fusion with grown trees is refused at validation"
             return self._propose_grown(rows, max_depth)
         B = len(rows)
         depth = min(self.topology.max_depth, max(max_depth))
         if depth <= 0:
             return TreeBatch.roots([r.tokens[-1] for r in rows])
         topo = self.topology.truncate(depth)
-        logits = self._catch_up(rows)[:, None]  # [B, 1, Vd]: the root level
+        logits = (self._catch_up(rows) if root_logits is None else root_logits)[:, None]  # [B, 1, Vd]: the root level
         cached = torch.tensor([self.cached[r.slot] for r in rows])  # the root sits at slot cached - 1
         n = topo.n
         toks = torch.zeros(B, n, dtype=torch.long)

@@ -13,7 +13,9 @@ from tokenizers import Tokenizer
 
 from runtime.decode import DecodeResult, Engine, Request, SamplingParams, StepState
 from runtime.drafters import ModelDrafter, NoDrafter
+from runtime.datastore import open_store
 from runtime.lookup import PromptLookupDrafter
+from runtime.retrieval import DatastoreDrafter, FusedDrafter
 from runtime.models import mamba2
 from runtime.models.checkpoint import load_llama
 from runtime import vocab_trim
@@ -97,15 +99,31 @@ class Runtime:
 def new_cache(model, plan: Plan, rows: int = 1):
     """A cache of `rows` rows of plan.cache_capacity slots; SSM caches also keep per-node scratch states for
     one tree per row."""
-    if isinstance(model, mamba2.Mamba2LMModel):
+    if isinstance(model, mamba2.Mamba2LMModel):  # scratch for the largest tree a forward writes
         return model.new_cache(rows, plan.cache_capacity, num_scratch=plan.tree_slots + 1)
     return model.new_cache(rows, plan.cache_capacity)
 
 
+def make_retrieval(plan: Plan, tokenizer, rows: int, fused: bool):
+    """The plan's retrieval drafter: trees of up to retrieval.max_nodes retrieved nodes, or num_candidates when
+    `fused` (RASD prunes them to max_nodes)."""
+    r = plan.retrieval
+    budget = r.num_candidates if fused else r.max_nodes
+    if r.kind == "context":  # prompt lookup: max_candidates continuations of cont_len tokens
+        topo = TreeTopology.static([r.max_candidates] + [1] * (r.cont_len - 1))
+        return PromptLookupDrafter(topo, r.min_ngram, r.max_ngram, r.cont_len, rows, budget=budget + 1)
+    store = open_store(r.corpus, tokenizer, r.cache_dir, r.store)
+    return DatastoreDrafter(store, r.min_ngram, r.max_ngram, r.cont_len, r.max_candidates, budget)
+
+
 def make_drafter(plan: Plan, target, cache=None, tokenizer=None, eos_ids: tuple[int, ...] = (), rows: int = 1):
     """The plan's drafter for `rows` cache rows. A VocabTrim plan also needs the target, its cache (calibration
-    runs the target when no calibration file exists yet), the tokenizer and the EOS ids."""
+    runs the target when no calibration file exists yet), the tokenizer and the EOS ids. A retrieval plan needs
+    the tokenizer (a datastore is tokenized with the target's); with a model drafter it is fused (RASD)."""
     topo = TreeTopology(plan.tree_parents)
+    retrieval = plan.retrieval
+    if retrieval is not None and plan.drafter_kind == "none":
+        return make_retrieval(plan, tokenizer, rows, fused=False)
     if plan.drafter_kind == "none":
         return NoDrafter()
     if plan.drafter_kind == "prompt_lookup":
@@ -115,9 +133,13 @@ def make_drafter(plan: Plan, target, cache=None, tokenizer=None, eos_ids: tuple[
     if plan.vocab_trim is not None:
         s2t, _ = vocab_trim.resolve(plan, target, cache, tokenizer, eos_ids, model.config.vocab_size)
         trim_lm_head(model, s2t)
-    return ModelDrafter(model, topo, plan.cache_capacity, ChildKind(plan.child_kind), plan.drafter_temperature,
-                        target.config.vocab_size, rows=rows, s2t=s2t, kv_window=plan.kv_window,
-                        cache=new_cache(model, plan, rows), policy=grown_policy(plan))
+    drafter = ModelDrafter(model, topo, plan.cache_capacity, ChildKind(plan.child_kind), plan.drafter_temperature,
+                           target.config.vocab_size, rows=rows, s2t=s2t, kv_window=plan.kv_window,
+                           cache=new_cache(model, plan, rows), policy=grown_policy(plan))
+    if retrieval is not None:
+        return FusedDrafter(drafter, make_retrieval(plan, tokenizer, rows, fused=True), retrieval.max_nodes,
+                            retrieval.prune, retrieval.skip_model_after)
+    return drafter
 
 
 def grown_policy(plan: Plan) -> Policy:
@@ -142,5 +164,6 @@ def load(plan: Plan, batch_size: int = 1) -> Runtime:
         eos = (eot,) if eot is not None and eot < target.config.vocab_size else ()
     sampling = SamplingParams(plan.temperature, plan.top_k, plan.top_p, AcceptanceRule(plan.acceptance))
     drafter = make_drafter(plan, target, cache, tokenizer, eos, rows=batch_size)
-    transforms = transform_models(plan.cpu_transforms, target=target, drafter=getattr(drafter, "model", None))
+    draft_model = drafter.model.model if isinstance(drafter, FusedDrafter) else getattr(drafter, "model", None)
+    transforms = transform_models(plan.cpu_transforms, target=target, drafter=draft_model)
     return Runtime(plan, target, cache, drafter, tokenizer, eos, sampling, transforms)

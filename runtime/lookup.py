@@ -6,6 +6,10 @@ each occurrence, D = min(tree depth, num_pred_tokens, the row's max_depth)); the
 ones (width = the root's children in the plan topology) are merged into a trie with distinct children
 per node and at most `budget` (= the plan topology's n) nodes. Every draft node is `Provenance.retrieved`.
 
+This is also `retrieval=context` (runtime/load.py: make_retrieval): alone with `drafter=none`, width
+`retrieval.max_candidates`, depth `cont_len`, budget `max_nodes + 1`; as the candidate source of the RASD
+fusion (runtime/retrieval.py) with budget `num_candidates + 1`.
+
 The index never rescans the text. Per row it maps each n-gram to its distinct D-token continuations,
 most recent last (a dict used as an ordered set, value: the end position of that continuation's latest
 occurrence). An occurrence ending at e enters the index once its continuation is complete (e + D is
@@ -40,15 +44,17 @@ class _Row:
 
 
 class PromptLookupDrafter:
-    def __init__(self, topology: TreeTopology, min_ngram: int, max_ngram: int, num_pred_tokens: int, rows: int):
+    def __init__(self, topology: TreeTopology, min_ngram: int, max_ngram: int, num_pred_tokens: int, rows: int,
+                 budget: int | None = None):
+        """budget: the most nodes of a tree, root included (default topology.n)."""
         assert 1 <= min_ngram <= max_ngram, (min_ngram, max_ngram)
         self.min_n, self.max_n = min_ngram, max_ngram
         self.depth = min(topology.max_depth, num_pred_tokens)
         self.width = len(topology.children[0])  # chain: 1 continuation; static: up to branching[0]
-        self.budget = topology.n
+        self.budget = topology.n if budget is None else budget
         self.topology, self.num_pred = topology, num_pred_tokens
-        self.buckets: tuple[int, ...] = tree_buckets(topology.n)
-        """TreeBatch sizes: powers of two below the plan topology's n, then n."""
+        self.buckets: tuple[int, ...] = tree_buckets(self.budget)
+        """TreeBatch sizes: powers of two below the budget, then the budget."""
         self.rows: list[_Row | None] = [None] * rows
         self._topologies: dict[tuple[int, ...], TreeTopology] = {}  # one object per shape: its tensors are cached
 
@@ -65,7 +71,7 @@ class PromptLookupDrafter:
 
     def with_rows(self, rows: int) -> "PromptLookupDrafter":
         """The same settings for `rows` cache rows (no request state)."""
-        return PromptLookupDrafter(self.topology, self.min_n, self.max_n, self.num_pred, rows)
+        return PromptLookupDrafter(self.topology, self.min_n, self.max_n, self.num_pred, rows, self.budget)
 
     # ---- drafting --------------------------------------------------------------------------------------
     def propose(self, rows: Sequence, max_depth: Sequence[int]) -> TreeBatch:

@@ -16,7 +16,7 @@ from typing import Optional
 
 from spec_compiler.schema import DrafterKind, ModelConfig, ModelSource
 from spec_compiler.tree import TreeTopology, tree_buckets
-from spec_compiler.validate import Resolved, grown_bounds, resolve_path, tree_slots
+from spec_compiler.validate import Resolved, corpus_matches, grown_bounds, resolve_path, retrieval_tree_sizes, tree_slots
 
 PLAN_VERSION = 1
 
@@ -45,6 +45,30 @@ class VocabTrimPlan:
     keep: tuple[str, ...]
     artifact: Optional[str]
     """Absolute calibration file, or None for artifacts/vocab_trim/<key>.json."""
+
+
+@dataclass(frozen=True)
+class RetrievalPlan:
+    """The retrieval source (runtime/retrieval.py); fused with the model drafter when there is one."""
+
+    kind: str
+    """context | datastore."""
+    min_ngram: int
+    max_ngram: int
+    cont_len: int
+    max_candidates: int
+    max_nodes: int
+    num_candidates: int
+    corpus: tuple[str, ...]
+    """datastore: absolute paths (globs expanded, sorted); () = the project corpus's training files."""
+    cache_dir: str
+    """Absolute datastore directory."""
+    store: Optional[str] = None
+    """Absolute prebuilt store directory (used as is), or None."""
+    prune: str = "root"
+    """root | path (RetrievalPrune)."""
+    skip_model_after: int = 0
+    """Steps after one that emitted at least this many tokens draft from retrieval alone (0 = never)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +145,8 @@ class Plan:
     """tree.policy=dynamic | beam: trees grown per request at run time (tree_parents is then root only)."""
     cpu_transforms: CpuTransforms = CpuTransforms()
     """Load-time CPU fast paths (runtime/transforms.py); all off unless device is cpu."""
+    retrieval: Optional[RetrievalPlan] = None
+    """The retrieval source (alone with drafter_kind none, else fused: RASD); None = no retrieval."""
     environment: tuple[tuple[str, Optional[str]], ...] = ()
     """(name, value) pairs that determine compiled output: library versions and the device (`environment`)."""
     plan_version: int = PLAN_VERSION
@@ -137,8 +163,7 @@ class Plan:
     @property
     def tree_slots(self) -> int:
         """Cache slots past the text one step's tree may touch (SSM caches keep as many scratch states)."""
-        g = self.grown_tree
-        return len(self.tree_parents) if g is None else g.max_nodes + g.per_round
+        return self.cache_capacity - self.max_seq_len
 
     @property
     def tree_depth(self) -> int:
@@ -210,6 +235,16 @@ def _grown_tree_plan(cfg) -> Optional[GrownTreePlan]:
                          float(t.value_temperature), t.beam_width, t.beam_depth)
 
 
+def _retrieval_plan(resolved: Resolved) -> Optional[RetrievalPlan]:
+    r = resolved.cfg.retrieval
+    if r.kind.value == "none":
+        return None
+    corpus = tuple(str(p) for entry in r.corpus for p in corpus_matches(entry)) if r.kind.value == "datastore" else ()
+    return RetrievalPlan(r.kind.value, r.min_ngram, r.max_ngram, r.cont_len, r.max_candidates, r.max_nodes,
+                         r.num_candidates, corpus, str(resolve_path(r.cache_dir)),
+                         None if r.store is None else str(resolve_path(r.store)), r.prune.value, r.skip_model_after)
+
+
 def make_plan(resolved: Resolved) -> Plan:
     cfg = resolved.cfg
     d, s, topo = cfg.drafter, cfg.sampling, resolved.topology
@@ -219,8 +254,10 @@ def make_plan(resolved: Resolved) -> Plan:
     elif cfg.target.model.source is ModelSource.checkpoint:
         tok = str(resolve_path(cfg.target.model.checkpoint) / "tokenizer.json")
     pl = d.prompt_lookup
-    name = "-".join([cfg.target.name, d.name, cfg.tree.policy.value if d.kind is not DrafterKind.none else "ar",
-                     cfg.backend.kind.value])
+    retrieval = _retrieval_plan(resolved)
+    verify_nodes, score_nodes = retrieval_tree_sizes(cfg, topo)
+    name = "-".join([cfg.target.name, d.name] + ([retrieval.kind] if retrieval else []) +
+                    [cfg.tree.policy.value if d.kind is not DrafterKind.none else "ar", cfg.backend.kind.value])
     return Plan(
         name=name,
         target=_model_plan(cfg.target.model, resolved.target_arch, cfg.target.model.arch.value),
@@ -241,12 +278,14 @@ def make_plan(resolved: Resolved) -> Plan:
         backend=cfg.backend.kind.value,
         device=resolved.device,
         max_seq_len=cfg.target.max_seq_len,
-        cache_capacity=cfg.target.max_seq_len + tree_slots(cfg, topo),
+        cache_capacity=cfg.target.max_seq_len + (tree_slots(cfg, topo) if grown_bounds(cfg) is not None
+                                                 else max(verify_nodes, score_nodes)),
         kv_window=cfg.backend.kv_window.value,
         verify_head=cfg.backend.verify_head.value,
-        tree_buckets=tree_buckets(topo.n if grown_bounds(cfg) is None else grown_bounds(cfg)[0]),
+        tree_buckets=tree_buckets(verify_nodes if grown_bounds(cfg) is None else grown_bounds(cfg)[0]),
         grown_tree=_grown_tree_plan(cfg),
         vocab_trim=_vocab_trim_plan(resolved),
         cpu_transforms=_cpu_transforms(resolved, resolved.device),
+        retrieval=retrieval,
         environment=environment(resolved.device_name),
     )

@@ -59,6 +59,23 @@ class DrafterKind(str, enum.Enum):
     """n-gram match over prompt + generated text (PLD); deterministic drafts."""
 
 
+class RetrievalKind(str, enum.Enum):
+    none = "none"
+    """No retrieval: the drafter's trees alone."""
+    context = "context"
+    """n-gram lookup in the request's own text (prompt + generated: prompt lookup, runtime/lookup.py)."""
+    datastore = "datastore"
+    """Suffix lookup in a corpus datastore (REST): a suffix array over the corpus's token ids."""
+
+
+class RetrievalPrune(str, enum.Enum):
+    path = "path"
+    """Rank candidates by their path probability under the draft model: one drafter forward over the candidates."""
+    root = "root"
+    """Rank by count x the draft model's probability of the path's first token (the root distribution the
+    drafter computes anyway): no extra forward."""
+
+
 class TreePolicy(str, enum.Enum):
     chain = "chain"
     """k draft tokens in a line."""
@@ -244,6 +261,56 @@ class PromptLookupConfig:
     """Longest suffix n-gram to match (tried first)."""
     num_pred_tokens: int = 8
     """Continuation length copied after a match (capped by the tree depth)."""
+
+
+@dataclass
+class RetrievalConfig:
+    """A retrieval source (ALGORITHMS.md §3, RASD). With `drafter=none` it drafts alone (REST / prompt lookup
+    style); with a model drafter its candidate tree is pruned by the draft model's path probabilities and fused
+    into the model's tree (longest-prefix trie insertion), verified in one target pass. Retrieved nodes are
+    deterministic proposals (δ); a retrieved token equal to a drafted sibling merges into it (it stays drafted)."""
+
+    kind: RetrievalKind = RetrievalKind.none
+    """none | context (the request's own text) | datastore (a corpus)."""
+    min_ngram: int = 1
+    """Shortest context suffix (tokens) to look up."""
+    max_ngram: int = 3
+    """Longest context suffix to look up (tried first; the first length that matches is used)."""
+    cont_len: int = 8
+    """Tokens per retrieved continuation: the depth of a retrieval tree."""
+    max_candidates: int = 8
+    """Continuations per lookup: context = the most recent distinct ones; datastore = the most frequent
+    (a trie of at most this many leaves)."""
+    max_nodes: int = 8
+    """Retrieved nodes (root excluded) a step verifies: the retrieval-only tree's size, or what pruning keeps."""
+    num_candidates: int = 24
+    """With a model drafter: candidate nodes scored by the draft model before pruning to max_nodes (RASD)."""
+    prune: RetrievalPrune = RetrievalPrune.root
+    """With a model drafter: how candidates are ranked (root: no forward, the default: on the 2-core CPU it kept
+    the same tau as path and ran faster, benchmarks/cpu/rasd_*.md; path: one drafter forward)."""
+    skip_model_after: int = 0
+    """With a model drafter: a step drafts from retrieval alone when every row's previous step emitted at least
+    this many tokens (a long retrieved run is being accepted; the draft model catches up later); 0 = never.
+    No consistent gain measured (benchmarks/cpu/rasd_*.md, the -skip3 rows); the choice is per batch: greedy
+    output is unchanged, sampled output stays exact in distribution yet may depend on the batch."""
+    corpus: list[str] = field(default_factory=list)
+    """datastore: files, directories (their .py/.txt/.md files), globs, or .jsonl text corpora (a `text` field,
+    or Spec-Bench `turns`), relative to the project root; empty = the project corpus's training files (the
+    Python standard library split of training/corpus.py)."""
+    cache_dir: str = "artifacts/datastores"
+    """datastore: where built stores live, keyed by corpus content hash + tokenizer hash."""
+    store: Optional[str] = None
+    """datastore: a prebuilt store directory to use as is (corpus and cache_dir unused); refused unless it was
+    built with the target's tokenizer."""
+
+    def __post_init__(self):
+        for name in ("min_ngram", "cont_len", "max_candidates", "max_nodes", "num_candidates"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"retrieval.{name}", "must be >= 1", getattr(self, name))
+        if self.max_ngram < self.min_ngram:
+            raise ConfigError("retrieval.max_ngram", f"must be >= min_ngram ({self.min_ngram})", self.max_ngram)
+        if self.skip_model_after < 0:
+            raise ConfigError("retrieval.skip_model_after", "must be >= 0 (0 = never)", self.skip_model_after)
 
 
 @dataclass
@@ -716,6 +783,8 @@ class SpecConfig:
     """The model whose output distribution is preserved."""
     drafter: DrafterConfig = MISSING
     """The proposer."""
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    """A retrieval source drafting alone (drafter=none) or fused with the model drafter (RASD)."""
     tree: TreeConfig = MISSING
     """Shape of each step's draft tree."""
     sampling: SamplingConfig = MISSING
@@ -737,7 +806,7 @@ class SpecConfig:
 
 
 GROUPS: dict[str, Any] = {
-    "target": TargetConfig, "drafter": DrafterConfig, "tree": TreeConfig,
+    "target": TargetConfig, "drafter": DrafterConfig, "retrieval": RetrievalConfig, "tree": TreeConfig,
     "sampling": SamplingConfig, "backend": BackendConfig, "task": TaskConfig, "train": TrainConfig,
     "serving": ServingConfig,
 }

@@ -7,6 +7,7 @@ with the safe alternative named. Settings that would silently do nothing raise a
 """
 from __future__ import annotations
 
+import glob
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -17,7 +18,8 @@ from spec_compiler.arch import LlamaConfig, Mamba2Config
 from spec_compiler.checkpoint import read_llama_config, read_mamba2_config
 from spec_compiler.errors import CheckpointError, ConfigError
 from spec_compiler.schema import (AcceptanceRule, Arch, ChildKind, ChildSampling, check_arch, Device, DrafterKind,
-                                  ModelConfig, ModelSource, SpecConfig, TreeConfig, TreePolicy)
+                                  ModelConfig, ModelSource, RetrievalKind, RetrievalPrune, SpecConfig, TreeConfig,
+                                  TreePolicy)
 from spec_compiler.tokenizer import get_tokenizer
 from spec_compiler.tree import TreeTopology
 
@@ -248,7 +250,8 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
     if d.kind is not DrafterKind.none and cfg.tree.policy is TreePolicy.static and cfg.tree.k != tree_defaults.k:
         _warn("tree.k", "no effect with tree.policy=static (tree.branching sets the shape; tree=chain uses k)")
     if d.kind is DrafterKind.none and cfg.tree.policy in (TreePolicy.static,) + GROWN:
-        _warn("tree", "no effect with drafter=none (plain autoregressive decoding)")
+        _warn("tree", "no effect with drafter=none (" + ("plain autoregressive decoding)" if cfg.retrieval.kind is
+                                                       RetrievalKind.none else "the trees come from retrieval.*)"))
     if d.kind is DrafterKind.prompt_lookup and cfg.tree.children is not ChildSampling.topk:
         _warn("tree.children", "no effect with drafter=prompt_lookup (n-gram drafts are deterministic)")
     _check_grown(cfg, drafter_arch)
@@ -263,6 +266,7 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
     kind = _child_kind(cfg)
     _check_sampling(cfg, topo, kind)
     _check_serving(cfg, topo)
+    _check_retrieval(cfg, topo, target_arch, drafter_arch)
 
     given = [k for k in ("prompt", "prompt_file", "prompts") if getattr(cfg, k) is not None]
     if len(given) > 1:
@@ -294,6 +298,76 @@ def _check_serving(cfg: SpecConfig, topo: TreeTopology) -> None:
         v = getattr(sv, key)
         if v is not None and v > depth:
             _warn(f"serving.{key}", f"{v} exceeds the tree's depth ({depth}): steps verify at most {depth} levels")
+
+
+def retrieval_tree_sizes(cfg: SpecConfig, topo: TreeTopology) -> tuple[int, int]:
+    """(largest verified tree, largest drafter forward over retrieval candidates) in nodes, root included: a
+    fused tree holds the model's tree plus the pruned retrieval nodes; retrieval alone, the root plus them."""
+    r = cfg.retrieval
+    if r.kind is RetrievalKind.none:
+        return topo.n, 0
+    if cfg.drafter.kind is DrafterKind.model:  # prune=path scores the candidates in one drafter forward
+        return topo.n + r.max_nodes, r.num_candidates + 1 if r.prune is RetrievalPrune.path else 0
+    return 1 + r.max_nodes, 0
+
+
+def corpus_matches(entry: str) -> list[Path]:
+    """The paths one `retrieval.corpus` entry names: a file or directory, or every match of a glob (`**`
+    recursive), relative to the project root."""
+    if any(c in entry for c in "*?["):
+        return sorted(Path(p) for p in glob.glob(str(resolve_path(entry)), recursive=True))
+    path = resolve_path(entry)
+    return [path] if path.exists() else []
+
+
+def _check_retrieval(cfg: SpecConfig, topo: TreeTopology, target_arch, drafter_arch) -> None:
+    r, d = cfg.retrieval, cfg.drafter
+    if r.kind is RetrievalKind.none:
+        return
+    if d.kind is DrafterKind.model and cfg.tree.policy in GROWN:
+        raise ConfigError("retrieval.kind", f"fusion with tree={cfg.tree.policy.value} is not supported (the grown "
+                          "tree has no fixed shape to merge retrieval into); use tree=static / top3 / chain with "
+                          "retrieval, or retrieval=none", r.kind.value)
+    if d.kind is DrafterKind.prompt_lookup:
+        raise ConfigError("retrieval.kind", "drafter=prompt_lookup already is context retrieval without a draft "
+                          "model; use drafter=none (retrieval alone) or a model drafter (fused)", r.kind.value)
+    if cfg.sampling.temperature > 0 and cfg.sampling.acceptance in (AcceptanceRule.rrs_draft_probs,
+                                                                    AcceptanceRule.rrs_wor):
+        raise ConfigError("sampling.acceptance", "biased at temperature > 0: retrieved nodes are deterministic "
+                          "proposals; use sampling.acceptance=auto (or sample_match)", cfg.sampling.acceptance.value)
+    if d.kind is DrafterKind.none:
+        if r.num_candidates != type(r)().num_candidates:
+            _warn("retrieval.num_candidates", "no effect with drafter=none (nothing prunes: the tree keeps "
+                  "retrieval.max_nodes)")
+    elif r.num_candidates < r.max_nodes:
+        _warn("retrieval.max_nodes", f"{r.max_nodes} > retrieval.num_candidates ({r.num_candidates}): pruning keeps "
+              "at most the candidates")
+    if r.skip_model_after and d.kind is not DrafterKind.model:
+        _warn("retrieval.skip_model_after", "no effect without a model drafter")
+    elif r.skip_model_after and cfg.sampling.temperature > 0 and max([cfg.task.batch_size, *cfg.task.batch_sizes]) > 1:
+        _warn("retrieval.skip_model_after", "skips the draft model per batch: at temperature > 0 a request's tokens "
+              "may then depend on its batch (still exact in distribution)")
+    if r.kind is RetrievalKind.datastore and r.store is not None:
+        if not resolve_path(r.store).is_dir():
+            raise ConfigError("retrieval.store", f"datastore directory not found: {resolve_path(r.store)}", r.store)
+    elif r.kind is RetrievalKind.datastore:
+        for i, entry in enumerate(r.corpus):
+            if not corpus_matches(entry):
+                raise ConfigError(f"retrieval.corpus[{i}]", f"no such file, directory or glob match "
+                                  f"({resolve_path(entry)})", entry)
+        if resolve_path(r.cache_dir).is_file():
+            raise ConfigError("retrieval.cache_dir", "is a file (a directory for the datastores)", r.cache_dir)
+    elif r.corpus:
+        _warn("retrieval.corpus", "no effect with retrieval=context (it reads the request's own text)")
+    verify, score = retrieval_tree_sizes(cfg, topo)
+    for arch, key, n in ((target_arch, "target", verify), (drafter_arch, "drafter", score)):
+        if isinstance(arch, Mamba2Config) and n > arch.chunk_size:
+            raise ConfigError("retrieval.max_nodes" if key == "target" else "retrieval.num_candidates",
+                              f"a tree of {n} nodes exceeds the {key}'s single-chunk limit (chunk_size="
+                              f"{arch.chunk_size}) for SSM tree verification")
+    if max(verify, score) > cfg.target.max_seq_len // 2:
+        raise ConfigError("retrieval.max_nodes", f"trees of up to {max(verify, score)} nodes do not fit "
+                          f"target.max_seq_len={cfg.target.max_seq_len} (at most half the context)", r.max_nodes)
 
 
 def _device(cfg: SpecConfig, host: Host) -> str:
