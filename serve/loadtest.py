@@ -153,15 +153,19 @@ def run_loadtest(cfg: SpecConfig, job) -> dict:
     order = random.Random(lt.seed)
     prompts = [order.choice(texts) for _ in range(lt.num_requests)]
     run_overrides = hydra_overrides()
+    # Every policy's config and plan first: a policy that does not compose or validate fails before any runs.
+    specs = [policy_config(run_overrides, policy, i) for i, policy in enumerate(lt.policies)]
+    plans_of = [make_plan(validate(spec, host())) for spec in specs]
     rows, plans, env = [], {}, None
-    for i, policy in enumerate(lt.policies):
-        spec = policy_config(run_overrides, policy, i)
-        plan = make_plan(validate(spec, host()))
+    import fastapi
+    import uvicorn
+    for policy, spec, plan in zip(lt.policies, specs, plans_of):
         serving = {k: getattr(v, "value", v) for k, v in dataclasses.asdict(spec.serving).items()}
         plans[policy.name] = {"plan": plan.name, "plan_hash": plan.plan_hash(), "overrides": list(policy.overrides),
                               "serving": serving}
         rt = load(plan, spec.serving.max_batch_size)
-        env = env or _environment(rt)
+        env = env or {**_environment(rt), "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__,
+                      "httpx": httpx.__version__}
         scheduler = Scheduler(rt, spec.serving)
         scheduler.start()
         try:
@@ -180,21 +184,24 @@ def run_loadtest(cfg: SpecConfig, job) -> dict:
                           f"tau {row['tau']:.2f}" + (f" ({row['failed']} failed)" if row["failed"] else ""), flush=True)
         finally:
             scheduler.stop()
+        md = write_report(out, env, cfg, lt, texts, plans, rows)  # finished policies are on disk before the next
+    print(md)
+    print(f"loadtest: {out / 'loadtest.md'}")
+    return {"task": "loadtest", "rows": rows}
+
+
+def write_report(out: Path, env: dict, cfg: SpecConfig, lt, texts: list[str], plans: dict, rows: list[dict]) -> str:
+    """loadtest.json / .md / .png of the policies run so far; returns the markdown."""
     for r in rows:  # each policy's mean latency over the best at the same rate
         best = min(x["latency_mean"] for x in rows if x["rate"] == r["rate"])
         r["vs_best"] = r["latency_mean"] / best if best > 0 else float("nan")
-    import fastapi
-    import uvicorn
-    env = {**env, "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__, "httpx": httpx.__version__}
     report = {"environment": env, "max_new_tokens": cfg.task.max_new_tokens, "num_requests": lt.num_requests,
               "rates": list(lt.rates), "seed": lt.seed, "num_prompts": len(texts), "policies": plans, "rows": rows}
     (out / "loadtest.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
     (out / "loadtest.md").write_text(md)
     plot(rows, out / "loadtest.png")
-    print(md)
-    print(f"loadtest: {out / 'loadtest.md'}")
-    return {"task": "loadtest", "rows": rows}
+    return md
 
 
 COLS = [("rate /s", "rate"), ("policy", "policy"), ("mean s", "latency_mean"), ("p50 s", "latency_p50"),

@@ -16,7 +16,7 @@ before drafting and never looks at the tokens it gates, so it is lossless whenev
 
 alpha_i is the maximum-likelihood estimate under the geometric model, A / (A + R) (A accepted levels, R
 steps that ended in a rejection; steps that accept every level add nothing to R, §5.6), with a prior of
-`prior_steps` pseudo-rejections at rate `alpha_prior`.
+`prior_steps` pseudo-rejections at the server-wide rate (an EMA over steps, starting at `alpha_prior`).
 """
 from __future__ import annotations
 
@@ -66,10 +66,13 @@ class LatencyProfile:
     version: int = PROFILE_VERSION
 
     def predict(self, B: int, k: int, context: int | None = None) -> float:
-        """T(B, k) at `context` tokens (None: the first profiled context): linear in B and in the context
-        between (and beyond) the profiled points; k clamped to the profiled range."""
-        j = min(range(len(self.ks)), key=lambda j: abs(self.ks[j] - k))
-        at = [_interp(self.batch_sizes, [row[j] for row in table], B) for table in self.seconds]
+        """T(B, k) at `context` tokens (None: the first profiled context), from a least-squares fit per context of
+        seconds ~ a + b*B + c*k + d*B*k over the table (the reference code fits regressions too: single timed
+        cells are noisy, and a non-monotone table would make goodput pick a k by noise), linear in the context
+        between (and beyond) the profiled contexts."""
+        if getattr(self, "_coef", None) is None:
+            self._coef = [_fit(self.batch_sizes, self.ks, table) for table in self.seconds]
+        at = [c[0] + c[1] * B + c[2] * k + c[3] * B * k for c in self._coef]
         return max(1e-9, at[0] if context is None else _interp(self.contexts, at, context))
 
     def save(self, path: Path) -> None:
@@ -85,6 +88,19 @@ class LatencyProfile:
         if d.get("version") != PROFILE_VERSION:
             return None
         return cls(d["contexts"], d["batch_sizes"], d["ks"], d["seconds"], d.get("meta", {}))
+
+
+def _fit(batch_sizes: Sequence[int], ks: Sequence[int], table: Sequence[Sequence[float]]) -> list[float]:
+    """Least-squares (a, b, c, d) of t ~ a + b*B + c*k + d*B*k over table[i][j] = t(batch_sizes[i], ks[j])
+    (terms a one-row or one-k table cannot determine are left at 0)."""
+    import numpy as np
+    X, y = [], []
+    for i, B in enumerate(batch_sizes):
+        for j, k in enumerate(ks):
+            X.append([1.0, B, k, B * k])
+            y.append(table[i][j])
+    coef, *_ = np.linalg.lstsq(np.array(X), np.array(y), rcond=None)
+    return [float(c) for c in coef]
 
 
 def _interp(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
@@ -149,7 +165,8 @@ class SmartSpec:
         self.k = max_k
 
     def alphas(self, rows: Sequence) -> list[float]:
-        return [self._stats(r).alpha(self.prior, self.weight) for r in rows]
+        """Each row's estimate; its prior is the server-wide rate (`self.prior`, updated after every step)."""
+        return [self._stats(r).alpha(min(self.prior, 1 - 1e-6), self.weight) for r in rows]
 
     @staticmethod
     def _stats(req) -> Acceptance:
@@ -169,11 +186,17 @@ class SmartSpec:
         return self.k
 
     def observe(self, rows: Sequence) -> None:
-        """After a step: each row's accepted levels against the depth it verified."""
+        """After a step: each row's accepted levels against the depth it verified; the server-wide rate moves
+        toward this step's (α ← 0.85 α + 0.15 α_step, as the reference code), the prior of every request."""
+        acc = rej = 0
         for r in rows:
             res = r.result
-            if res.draft_depths:
-                self._stats(r).observe(res.accepted_drafts[-1], res.draft_depths[-1])
+            if res.draft_depths and res.draft_depths[-1] > 0:
+                a, d = res.accepted_drafts[-1], res.draft_depths[-1]
+                self._stats(r).observe(a, d)
+                acc, rej = acc + a, rej + (a < d)
+        if acc + rej:
+            self.prior = 0.85 * self.prior + 0.15 * acc / (acc + rej)
 
 
 def profile_engine(engine, make_request, contexts: Sequence[int], batch_sizes: Sequence[int], ks: Sequence[int],

@@ -608,7 +608,7 @@ class ServingConfig:
     """policy=smartspec: goodput of k = 0 is multiplied by this (the reference code uses 1.1)."""
     profile: Optional[str] = None
     """policy=smartspec: step-latency profile JSON (None = artifacts/profiles/<plan hash>.json, measured on first use)."""
-    profile_steps: int = 6
+    profile_steps: int = 10
     """policy=smartspec: timed steps per (batch size, k) cell when profiling."""
 
     def __post_init__(self):

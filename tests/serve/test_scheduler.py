@@ -208,11 +208,20 @@ def flat_profile(draft_cost: float = 0.15, max_k: int = 4) -> LatencyProfile:
 
 def test_latency_profile_interpolates():
     prof = LatencyProfile([100, 300], [1, 4], [0, 2], [[[1.0, 2.0], [4.0, 5.0]], [[3.0, 4.0], [6.0, 9.0]]])
-    assert prof.predict(1, 0, 100) == 1.0 and prof.predict(4, 2, 300) == 9.0
+    assert prof.predict(1, 0, 100) == pytest.approx(1.0) and prof.predict(4, 2, 300) == pytest.approx(9.0)
     assert prof.predict(2, 0, 100) == pytest.approx(2.0)   # linear in B
     assert prof.predict(1, 2, 200) == pytest.approx(3.0)   # linear in the context
     assert prof.predict(8, 0, 100) == pytest.approx(8.0)   # extended past the last batch size
-    assert prof.predict(1, 1, 100) in (1.0, 2.0)           # k clamps to a profiled one
+    assert prof.predict(1, 1, 100) == pytest.approx(1.5)   # and between profiled k
+
+
+def test_latency_fit_smooths_a_noisy_cell():
+    """One cell timed 40 % low does not make its k look cheaper than a smaller k."""
+    bs, ks = [1, 2, 4, 8], [0, 1, 2, 3]
+    table = [[1 + 0.1 * b + (0.5 + 0.1 * b) * k for k in ks] for b in bs]
+    table[3][2] *= 0.6
+    prof = LatencyProfile([128], bs, ks, [table])
+    assert prof.predict(8, 2) > prof.predict(8, 1) > prof.predict(8, 0)
 
 
 def test_expected_tokens_and_estimator():
