@@ -106,7 +106,7 @@ class Request:
 
 class Engine:
     def __init__(self, target, cache, drafter, *, max_seq_len: int, eos_ids: Sequence[int] = (),
-                 kv_window: str = "live", prefill_chunk: int = 0, verify_head: str = "path",
+                 kv_window: str = "live", prefill_chunk: int = 0, verify_head: str = "full",
                  on_step: Optional[Callable[[StepState], None]] = None, record_shapes: bool = False):
         """cache: the target's cache with `cache.rows` rows (the most requests decoded together);
         prefill_chunk: prompt tokens per prefill forward (0 = the whole prompt in one); verify_head: "full" runs

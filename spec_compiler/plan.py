@@ -135,7 +135,7 @@ class Plan:
     """KV slots: max_seq_len plus one tree's worth of scratch slots."""
     kv_window: str = "live"
     """Attention window per forward: live | full (runtime.decode)."""
-    verify_head: str = "path"
+    verify_head: str = "full"
     """Where the verify forward runs the LM head: path | full (runtime.decode.Engine)."""
     tree_buckets: tuple[int, ...] = (1,)
     """Tree sizes a verify forward is padded to (powers of two below the tree size, and the size)."""

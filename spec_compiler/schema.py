@@ -468,9 +468,10 @@ class BackendConfig:
     """Load-time CPU fast paths (ignored, with a warning when set, on cuda)."""
     kv_window: KVWindow = KVWindow.live
     """Attention window per forward: live (measured faster in CPU eager) or full (static shapes)."""
-    verify_head: VerifyHead = VerifyHead.path
-    """Where the verify forward runs the LM head: path (the nodes the walk reaches; measured faster on CPU,
-    benchmarks/cpu/verify_head.md) or full (every node)."""
+    verify_head: VerifyHead = VerifyHead.full
+    """Where the verify forward runs the LM head: full (every node) or path (only the nodes the walk reaches;
+    within noise of full on the 2-core CPU: 0.96x at batch 1, 1.03x at batch 8 with top3,
+    benchmarks/cpu/verify_head.md)."""
 
 
 @dataclass
