@@ -48,15 +48,18 @@ class ModelWorld:
         return self._q[k]
 
 
-def engine_drafter(model, topo: TreeTopology, kind: ChildKind, temperature: float):
-    """The harness's drafter callable over the engine's ModelDrafter (one row, fresh prefill per draft)."""
-    d = ModelDrafter(model, topo, 64 + topo.n, kind, temperature, V, rows=1,
-                     cache=model.new_cache(1, 64 + topo.n, **({"num_scratch": topo.n + 1}
-                                                              if isinstance(model, mamba2.Mamba2LMModel) else {})))
+def engine_drafter(model, topo: TreeTopology, kind: ChildKind, temperature: float, s2t=None, policy=None):
+    """The harness's drafter callable over the engine's ModelDrafter (one row, fresh prefill per draft): the
+    static `topo`, or trees grown by `policy` (runtime.tree_policies); s2t: the head is trimmed to these ids."""
+    n = topo.n if policy is None else policy.max_nodes + policy.per_round
+    extra = {"num_scratch": n + 1} if isinstance(model, mamba2.Mamba2LMModel) else {}
+    d = ModelDrafter(model, topo, 64 + n, kind, temperature, V, rows=1, s2t=s2t,
+                     cache=model.new_cache(1, 64 + n, **extra), policy=policy)
+    depth = topo.max_depth if policy is None else policy.max_nodes
 
     def draft(ctx, sampler):
         d.start(0, list(ctx))
-        tree = d.propose([SimpleNamespace(tokens=list(ctx), slot=0, sampler=sampler)], [topo.max_depth])
+        tree = d.propose([SimpleNamespace(tokens=list(ctx), slot=0, sampler=sampler)], [depth])
         n = tree.topologies[0].n
         dp = tree.draft_probs[0, :n] if tree.draft_probs is not None else torch.zeros(n, V, dtype=torch.float64)
         return tree.topologies[0], tree.row_tokens(0), [Provenance(int(x)) for x in tree.provenance[0, :n]], dp

@@ -31,28 +31,15 @@ from runtime.models.llama import LlamaConfig, init_random, perturbed_copy, trim_
 from runtime.sampling import AcceptanceRule, ChildKind, TorchDraftSampler, target_probs
 from runtime.tree_policies import BeamTree, DynamicTree
 from spec_compiler.tree import Provenance, TreeTopology
-from tests.runtime.test_engine_exact import V, ModelWorld, models
+from tests.runtime.test_engine_exact import V, ModelWorld, engine_drafter, models
 from tests.runtime.test_verifier_exact import TOL, Script, enumerate_runs, joint_of, step_outcomes
 
 ALPHA = 1e-6
 
 
 def policy_drafter(model, policy, kind: ChildKind, temperature: float, s2t=None):
-    """The harness's drafter callable over the engine's ModelDrafter growing `policy` trees (one row); s2t: the
-    model's head is trimmed to these ids (VocabTrim)."""
-    n = policy.max_nodes + policy.per_round
-    extra = {"num_scratch": n + 1} if isinstance(model, mamba2.Mamba2LMModel) else {}
-    d = ModelDrafter(model, TreeTopology.root_only(), 64 + n, kind, temperature, V, rows=1, s2t=s2t,
-                     cache=model.new_cache(1, 64 + n, **extra), policy=policy)
-
-    def draft(ctx, sampler):
-        d.start(0, list(ctx))
-        tree = d.propose([SimpleNamespace(tokens=list(ctx), slot=0, sampler=sampler)], [policy.max_nodes])
-        n = tree.topologies[0].n
-        dp = tree.draft_probs[0, :n] if tree.draft_probs is not None else torch.zeros(n, V, dtype=torch.float64)
-        return tree.topologies[0], tree.row_tokens(0), [Provenance(int(x)) for x in tree.provenance[0, :n]], dp
-
-    return draft
+    """The harness's drafter callable over the engine's ModelDrafter growing `policy` trees (one row)."""
+    return engine_drafter(model, TreeTopology.root_only(), kind, temperature, s2t=s2t, policy=policy)
 
 
 def assert_exact(world, drafter, ctx, m=3):
