@@ -275,3 +275,15 @@ def test_serving_grown_and_static_trees(tree, depth, tmp_path):
         sched.stop()
     for j in jobs:
         assert j.output_ids == alone(rt, j.prompt_ids, 12)
+
+
+@pytest.mark.parametrize("arg,key", [("serving.k=-1", "serving.k"), ("serving.max_batch_size=0", "serving.max_batch_size"),
+                                     ("serving.max_queue=-1", "serving.max_queue"),
+                                     ("serving.prefill_chunk=-5", "serving.prefill_chunk"),
+                                     ("serving.alpha_prior=1.0", "serving.alpha_prior"),
+                                     ("serving.prior_steps=0", "serving.prior_steps"),
+                                     ("serving.profile_steps=0", "serving.profile_steps")])
+def test_bad_serving_settings_exit_2_naming_the_key(arg, key, capsys, tmp_path):
+    code = main.cli(["target=tiny_random", "drafter=noisy_copy", "task=serve", arg, f"hydra.run.dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {key}" in err and "Traceback" not in err, err
