@@ -96,6 +96,9 @@ def prepare(cfg: Union[DictConfig, SpecConfig], in_run: bool = True):
     spec = to_spec(cfg)
     if spec.task.kind is TaskKind.train:  # the inference groups play no part in training
         return spec, None, None
+    if spec.task.kind is TaskKind.compile:  # the artifact is the compiled backend's: its plan says so
+        from spec_compiler.schema import BackendKind
+        spec.backend.kind = BackendKind.compiled
     resolved = validate(spec, host())
     spec, plan = resolved.cfg, make_plan(resolved)
     return spec, plan, prepare_job(spec, plan, output_dir(spec, in_run))
@@ -112,10 +115,15 @@ def run(cfg: Union[DictConfig, SpecConfig]) -> dict:
     if spec.task.kind is TaskKind.loadtest:  # a fresh server (own plan, own runtime) per policy
         from serve.loadtest import run_loadtest
         result = run_loadtest(spec, job)
+    elif spec.task.kind is TaskKind.compile:
+        from aot.build import compile_batch_sizes, main_compile
+        result = main_compile(plan, spec.compile, compile_batch_sizes(spec), job.out,
+                              "python main.py " + " ".join(hydra_overrides()))
     else:
-        from runtime.load import load
+        from aot.build import open_runtime
         serving = spec.task.kind is TaskKind.serve
-        rt = load(plan, spec.serving.max_batch_size if serving else spec.task.batch_size)
+        rt = open_runtime(spec, plan, spec.serving.max_batch_size if serving else spec.task.batch_size,
+                          "python main.py " + " ".join(hydra_overrides()))
         if serving:
             from serve.server import run_serve as task
         else:

@@ -11,3 +11,13 @@ def host() -> Host:
     if not torch.cuda.is_available():
         return Host()
     return Host(f"{torch.cuda.get_device_name()} sm{''.join(map(str, torch.cuda.get_device_capability()))}")
+
+
+def identity_device(device: str) -> dict:
+    """The device an artifact is compiled for, as its manifest records it (spec_compiler.artifact.identity):
+    CUDA name and compute capability, or the CPU's model and ISA flags."""
+    from spec_compiler.artifact import cpu_identity
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        return {"kind": "cuda", "name": torch.cuda.get_device_name(), "capability": f"{major}.{minor}"}
+    return cpu_identity()

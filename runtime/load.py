@@ -61,6 +61,8 @@ class Runtime:
     sampling: SamplingParams
     transforms: dict[str, TransformReport] = field(default_factory=dict)
     """The CPU fast paths applied at load time, per model ("target", "drafter"): runtime/transforms.py."""
+    compiled: object = None
+    """backend=compiled: the artifact it runs from (runtime.compiled.Compiled); None for eager."""
 
     @property
     def batch_size(self) -> int:

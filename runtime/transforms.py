@@ -113,8 +113,10 @@ def cached_derived(owner: nn.Module, name: str, sources: tuple[Tensor | None, ..
 
 
 def fast_inference(x: Tensor) -> bool:
-    """Whether a fast form may run: CPU, fp32, autograd off."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+    """Whether a fast form may run: CPU, fp32, autograd off, eager. A traced program (torch.export, the compiled
+    backend's phases) sees the plain module's math: the fast forms are eager kernels, Inductor picks its own."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
 
 
 # ---- fp16_weight_gemm ------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def policy_config(cfg_overrides: list[str], policy: LoadPolicy, index: int) -> S
 
 def run_loadtest(cfg: SpecConfig, job) -> dict:
     from runtime.device import host
-    from runtime.load import load
+    from aot.build import open_runtime
     from runtime.tasks import _environment, hydra_overrides
     from serve.scheduler import Scheduler
     from serve.server import BackgroundServer, ServerConfig, create_app
@@ -163,7 +163,7 @@ def run_loadtest(cfg: SpecConfig, job) -> dict:
         serving = {k: getattr(v, "value", v) for k, v in dataclasses.asdict(spec.serving).items()}
         plans[policy.name] = {"plan": plan.name, "plan_hash": plan.plan_hash(), "overrides": list(policy.overrides),
                               "serving": serving}
-        rt = load(plan, spec.serving.max_batch_size)
+        rt = open_runtime(spec, plan, spec.serving.max_batch_size)
         env = env or {**_environment(rt), "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__,
                       "httpx": httpx.__version__}
         scheduler = Scheduler(rt, spec.serving)

@@ -120,6 +120,39 @@ class VerifyHead(str, enum.Enum):
 class BackendKind(str, enum.Enum):
     eager = "eager"
     """Plain torch on CPU or GPU; the reference backend."""
+    compiled = "compiled"
+    """Run from the plan's compiled artifact (task=compile; built on first use): each phase by its autotuned
+    program (aot/build.py, runtime/compiled.py)."""
+
+
+class HardwareKind(str, enum.Enum):
+    auto = "auto"
+    """Whatever this machine has (CUDA when available, else the CPU)."""
+    cpu = "cpu"
+    h100 = "h100"
+    h200 = "h200"
+    a100 = "a100"
+    l4 = "l4"
+
+
+HARDWARE = {"h100": ("H100", "9.0"), "h200": ("H200", "9.0"), "a100": ("A100", "8.0"), "l4": ("L4", "8.9")}
+"""GPU hardware choices: (a substring of the device name, compute capability)."""
+
+
+class PhaseBackend(str, enum.Enum):
+    eager = "eager"
+    """The model's own forward (the reference)."""
+    aoti = "aoti"
+    """torch.export + AOTInductor (`.pt2` package)."""
+    tensorrt = "tensorrt"
+    """torch_tensorrt.dynamo.compile of the same exported program (import-gated; unverified in this project)."""
+
+
+class OnMismatch(str, enum.Enum):
+    refuse = "refuse"
+    """An artifact built for another device, library version, plan or checkpoint is an error naming what differs."""
+    rebuild = "rebuild"
+    """Rebuild it in place."""
 
 
 class TaskKind(str, enum.Enum):
@@ -133,6 +166,8 @@ class TaskKind(str, enum.Enum):
     """An OpenAI-compatible HTTP server (serve/server.py) over the continuous-batching scheduler."""
     loadtest = "loadtest"
     """Poisson arrivals at each `task.loadtest.rates` against a fresh in-process server per policy; JSON + md + plot."""
+    compile = "compile"
+    """Compile the plan into its artifact (artifacts/<name>-<hash>/, manifest.json); reused when it exists."""
 
 
 class ServingPolicy(str, enum.Enum):
@@ -475,6 +510,53 @@ class BackendConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """The machine a plan is compiled for; a compile for other hardware than this machine's is refused."""
+
+    kind: HardwareKind = HardwareKind.auto
+
+
+@dataclass
+class CompileConfig:
+    """task=compile and backend=compiled: how the artifact is built, found and checked."""
+
+    dir: str = "artifacts"
+    """Where artifacts live: <dir>/<plan name>-<plan hash>/ (relative to the project root)."""
+    artifact: Optional[str] = None
+    """Load this artifact directory instead of the plan's own (checked against the plan like any other)."""
+    on_mismatch: OnMismatch = OnMismatch.refuse
+    """An artifact for another device, library version, plan or changed checkpoint: refuse (naming what
+    differs) or rebuild."""
+    backends: list[PhaseBackend] = field(default_factory=lambda: [PhaseBackend.eager, PhaseBackend.aoti])
+    """Backends the autotuner times for every phase (tensorrt only where torch_tensorrt imports)."""
+    roles: list[str] = field(default_factory=lambda: ["target", "drafter"])
+    """Models whose phases are compiled (target, drafter); the others run eager."""
+    batch_sizes: list[int] = field(default_factory=list)
+    """Batch sizes to compile phases for (empty = the run's: task.batch_size(s), serving.max_batch_size)."""
+    static_tree: Optional[bool] = None
+    """One program per tree bucket T (static shapes, for CUDA graphs) instead of T dynamic; None = on cuda."""
+    calibration_prompts: str = "data/prompts/calibration.jsonl"
+    """Prompts the phases are discovered and timed on (decoded by the eager engine)."""
+    num_prompts: int = 2
+    max_new_tokens: int = 24
+    repeats: int = 20
+    """Timed calls per phase and backend (median)."""
+
+    def __post_init__(self):
+        for key, lo in (("num_prompts", 1), ("max_new_tokens", 1), ("repeats", 1)):
+            if getattr(self, key) < lo:
+                raise ConfigError(f"compile.{key}", f"must be >= {lo}", getattr(self, key))
+        for i, b in enumerate(self.batch_sizes):
+            if b < 1:
+                raise ConfigError(f"compile.batch_sizes[{i}]", "must be >= 1", b)
+        for i, r in enumerate(self.roles):
+            if r not in ("target", "drafter"):
+                raise ConfigError(f"compile.roles[{i}]", "must be target or drafter", r)
+        if not self.backends:
+            raise ConfigError("compile.backends", "must list at least one backend (eager is the reference)", [])
+
+
+@dataclass
 class LoadPolicy:
     """One server configuration the load benchmark measures."""
 
@@ -798,6 +880,10 @@ class SpecConfig:
     """task=train: how the model pair is trained (ignored by the other tasks)."""
     serving: ServingConfig = MISSING
     """task=serve / loadtest: batching limits and the speculation-length policy."""
+    hardware: HardwareConfig = MISSING
+    """The machine the plan is compiled for (auto = this one)."""
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    """task=compile / backend=compiled: artifact location, mismatch policy, autotuned backends."""
     prompt: Optional[str] = None
     """A prompt given on the command line (default: a built-in one when `prompts` is unset)."""
     prompt_file: Optional[str] = None
@@ -809,7 +895,7 @@ class SpecConfig:
 GROUPS: dict[str, Any] = {
     "target": TargetConfig, "drafter": DrafterConfig, "retrieval": RetrievalConfig, "tree": TreeConfig,
     "sampling": SamplingConfig, "backend": BackendConfig, "task": TaskConfig, "train": TrainConfig,
-    "serving": ServingConfig,
+    "serving": ServingConfig, "hardware": HardwareConfig,
 }
 
 

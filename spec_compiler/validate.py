@@ -8,6 +8,7 @@ with the safe alternative named. Settings that would silently do nothing raise a
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ from typing import Optional
 from spec_compiler.arch import LlamaConfig, Mamba2Config
 from spec_compiler.checkpoint import read_llama_config, read_mamba2_config
 from spec_compiler.errors import CheckpointError, ConfigError
-from spec_compiler.schema import (AcceptanceRule, Arch, ChildKind, ChildSampling, check_arch, Device, DrafterKind,
+from spec_compiler.schema import (HARDWARE, AcceptanceRule, Arch, ChildKind, ChildSampling, check_arch, Device, DrafterKind,
                                   ModelConfig, ModelSource, RetrievalKind, RetrievalPrune, SpecConfig, TreeConfig,
                                   TreePolicy)
 from spec_compiler.tokenizer import get_tokenizer
@@ -283,6 +284,7 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
         raise ConfigError("task.default_prompts", f"prompt file not found: {resolve_path(dp)}", dp)
     device = _device(cfg, host)
     _check_cpu_transforms(cfg, device)
+    _check_compile(cfg, device)
     return Resolved(cfg, target_arch, drafter_arch, topo, kind, cfg.sampling.acceptance, device,
                     host.cuda_device if device == "cuda" else "cpu")
 
@@ -374,7 +376,44 @@ def _device(cfg: SpecConfig, host: Host) -> str:
     dev = cfg.backend.device
     if dev is Device.cuda and host.cuda_device is None:
         raise ConfigError("backend.device", "CUDA is not available on this machine (use auto or cpu)", "cuda")
+    hw = cfg.hardware.kind.value
+    if hw == "cpu":
+        if dev is Device.cuda:
+            raise ConfigError("backend.device", "hardware=cpu compiles for the CPU (use backend.device=auto or cpu, "
+                              "or hardware=auto)", "cuda")
+        return "cpu"
+    if hw in HARDWARE:
+        name, cap = HARDWARE[hw]
+        want = f"sm{cap.replace('.', '')}"
+        if host.cuda_device is None or name not in host.cuda_device or not host.cuda_device.endswith(want):
+            raise ConfigError("hardware", f"{hw} needs an NVIDIA {name} (compute capability {cap}); this machine has "
+                              f"{host.cuda_device or 'no CUDA device'}: compile on that machine, or use hardware=auto",
+                              hw)
+        if dev is Device.cpu:
+            raise ConfigError("backend.device", f"hardware={hw} runs on its GPU (use backend.device=auto or cuda)", "cpu")
+        return "cuda"
     return "cpu" if dev is Device.cpu or host.cuda_device is None else "cuda"
+
+
+def _check_compile(cfg: SpecConfig, device: str) -> None:
+    """compile.* settings that cannot work on this machine (task=compile / backend=compiled only)."""
+    if cfg.task.kind.value != "compile" and cfg.backend.kind.value != "compiled":
+        return
+    backends = [b.value for b in cfg.compile.backends]
+    if "tensorrt" in backends:
+        if device != "cuda":
+            raise ConfigError("compile.backends", "tensorrt runs on CUDA only; on the CPU use [eager, aoti]", backends)
+        if importlib.util.find_spec("torch_tensorrt") is None:
+            raise ConfigError("compile.backends", "tensorrt needs torch_tensorrt, which is not installed here "
+                              "(pip install torch-tensorrt matching this torch; the backend is unverified in this "
+                              "project): use [eager, aoti]", backends)
+    if cfg.compile.artifact is not None and not resolve_path(cfg.compile.artifact).is_dir():
+        raise ConfigError("compile.artifact", f"no such artifact directory: {resolve_path(cfg.compile.artifact)}",
+                          cfg.compile.artifact)
+    if not resolve_path(cfg.compile.calibration_prompts).is_file():
+        raise ConfigError("compile.calibration_prompts",
+                          f"prompt file not found: {resolve_path(cfg.compile.calibration_prompts)}",
+                          cfg.compile.calibration_prompts)
 
 
 def _check_cpu_transforms(cfg: SpecConfig, device: str) -> None:

@@ -1,0 +1,135 @@
+"""backend=compiled at run time: load an artifact's programs and route each phase's call to its program.
+
+The artifact (aot/build.py) lists, per phase key (runtime/phases.py), the backend the autotuner chose and the
+program file. `attach(runtime, directory, manifest)` loads every non-eager program (AOTInductor `.pt2`
+packages through `torch._inductor.aoti_load_package`; TensorRT programs through `torch.export.load` after
+importing torch_tensorrt) and installs a dispatcher on the target and the drafter model: a call whose key
+has a program, with the cache layout the program was built for (strides, dtypes, KV window below the
+capacity), runs it; any other call runs the model's own forward and is counted as a miss (`CompiledStats`).
+Nothing here compiles: loading a package is reading compiled code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from runtime.phases import BLOCK_INPUTS, PhaseKey, intercept
+
+
+def load_program(backend: str, path: Path) -> Callable:
+    """A compiled phase program: fn(*phase inputs) -> output."""
+    if backend == "aoti":
+        return torch._inductor.aoti_load_package(str(path))
+    if backend == "tensorrt":
+        try:
+            import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops the program calls)
+        except ImportError as e:
+            from spec_compiler.artifact import ArtifactError
+            raise ArtifactError(str(path), f"a TensorRT program, but torch_tensorrt does not import here ({e})") from None
+        return torch.export.load(str(path)).module()
+    raise ValueError(f"unknown program backend {backend!r}")
+
+
+@dataclass
+class Program:
+    key: PhaseKey
+    backend: str
+    run: Callable
+    cache_strides: list[tuple[int, ...]]
+    dtypes: list[str]
+    live_window: bool
+    capacity: int
+
+    def accepts(self, inputs: list[torch.Tensor]) -> bool:
+        """Whether this call's inputs have the layout the program was compiled for."""
+        caches = inputs[len(BLOCK_INPUTS):]
+        if len(caches) != len(self.cache_strides):
+            return False
+        if any(tuple(t.stride()) != s for t, s in zip(caches, self.cache_strides)):
+            return False
+        if any(str(t.dtype) != d for t, d in zip(inputs, self.dtypes)):
+            return False
+        T, S = inputs[0].shape[1], inputs[4].shape[-1]
+        if self.live_window:
+            return 2 <= S < self.capacity and T < self.capacity
+        return S == self.capacity
+
+
+@dataclass
+class CompiledStats:
+    """Calls per phase that ran a compiled program (hits) or the eager forward (misses: no program for the key,
+    or another layout)."""
+
+    hits: Counter = field(default_factory=Counter)
+    misses: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        n, m = sum(self.hits.values()), sum(self.misses.values())
+        top = ", ".join(f"{k} x{v}" for k, v in self.misses.most_common(3))
+        return f"{n} compiled calls, {m} eager" + (f" ({top})" if m else "")
+
+
+def load_programs(directory: Path, manifest: dict) -> dict[str, dict[PhaseKey, Program]]:
+    """role -> key -> Program for every phase whose chosen backend is not eager."""
+    out: dict[str, dict[PhaseKey, Program]] = {}
+    for entry in manifest["phases"]:
+        if entry["backend"] == "eager":
+            continue
+        key = PhaseKey.from_dict(entry["key"])
+        run = load_program(entry["backend"], Path(directory) / entry["file"])
+        out.setdefault(key.role, {})[key] = Program(key, entry["backend"], run,
+                                                    [tuple(s) for s in entry["cache_strides"]], entry["dtypes"],
+                                                    entry["live_window"], entry["capacity"])
+    return out
+
+
+def install(model: torch.nn.Module, role: str, programs: dict[PhaseKey, Program], stats: CompiledStats):
+    """Dispatch `model`'s phase calls to `programs` (see the module docstring); returns the remover."""
+    def on_call(key: PhaseKey, run, inputs, cache):
+        prog = programs.get(key) or programs.get(key.dynamic())
+        if prog is None or not prog.accepts(inputs):
+            stats.misses[key.name] += 1
+            return run()
+        stats.hits[prog.key.name] += 1
+        return prog.run(*inputs)
+    return intercept(model, role, on_call)
+
+
+@dataclass
+class Compiled:
+    """What a runtime runs from (Runtime.compiled)."""
+
+    directory: Path
+    manifest: dict
+    stats: CompiledStats
+    programs: dict[str, dict[PhaseKey, Program]]
+
+    def summary(self) -> str:
+        chosen = Counter(p["backend"] for p in self.manifest["phases"])
+        return (f"artifact {self.directory.name}: " + ", ".join(f"{n} phases {b}" for b, n in sorted(chosen.items()))
+                + f"; {self.stats.summary()}")
+
+
+def attach(rt, directory: Path, manifest: dict):
+    """`rt` (runtime.load.Runtime) running from the artifact: its target and drafter model dispatch to the
+    artifact's programs (the models are shared by `with_batch_size` / `with_drafter` copies)."""
+    programs = load_programs(directory, manifest)
+    stats = CompiledStats()
+    models = {"target": rt.target, "drafter": drafter_module(rt.drafter)}
+    for role, progs in programs.items():
+        if models.get(role) is not None:
+            install(models[role], role, progs, stats)
+    return dataclasses.replace(rt, compiled=Compiled(Path(directory), manifest, stats, programs))
+
+
+def drafter_module(drafter):
+    """The drafter's nn.Module (a fused RASD drafter's model drafter's), or None (no model)."""
+    inner = getattr(drafter, "model", None)
+    if inner is not None and not isinstance(inner, torch.nn.Module):
+        inner = getattr(inner, "model", None)
+    return inner if isinstance(inner, torch.nn.Module) else None
