@@ -103,7 +103,7 @@ def check(manifest: dict, plan: dict, want: dict) -> list[str]:
     out = []
     if manifest.get("artifact_version") != ARTIFACT_VERSION:
         out.append(f"artifact format {manifest.get('artifact_version')} (this build reads {ARTIFACT_VERSION})")
-    built = manifest.get("plan", {})
+    built, plan = manifest.get("plan", {}), json.loads(json.dumps(plan))  # as the manifest stores it (lists)
     for k in sorted(set(built) | set(plan)):
         if built.get(k) != plan.get(k):
             out.append(f"plan.{k}: built for {_short(built.get(k))}, this config has {_short(plan.get(k))}")
