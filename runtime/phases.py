@@ -4,7 +4,8 @@ Every forward the engine and the drafters make is `model.hidden(...)` or `model(
 `runtime.batch.Block` and a cache view (runtime/decode.py, runtime/drafters.py). A *phase* is one such call
 site with its static facts: which model (`role`), logits or hidden states (`method`), a causal block
 (`advance`: prefill chunk, drafter catch-up) or a tree block, the batch B, the tree bucket T (tree blocks;
-causal blocks keep T dynamic), and how many rows' outputs it keeps (`rows`: num_logits / num_rows).
+causal blocks keep T dynamic), how many tokens' outputs it keeps (`keep`: num_logits / num_rows), and the
+cache's row count R (a view of rows of an R-row cache has R's strides, which a compiled program fixes).
 
 `Phase` wraps a model as a function of tensors only (the Block's tensors, then the cache's), so
 `torch.export` captures it whole: cache tensors are inputs mutated in place (K/V written by slot index), the
@@ -44,14 +45,16 @@ class PhaseKey:
     T: Optional[int]
     """The block's token count; None in a program's key when T is a dynamic dimension (causal blocks always;
     tree blocks too unless the plan wants a program per tree bucket: static shapes for CUDA graphs)."""
-    rows: Optional[int]
+    keep: Optional[int]
     """Outputs kept: None every token, 0 none (prefill), n the last n."""
+    R: int = 1
+    """Rows of the whole cache the call's view is taken from."""
 
     @property
     def name(self) -> str:
         kind = "causal" if self.advance else "tree"
-        keep = "all" if self.rows is None else str(self.rows)
-        return f"{self.role}-{self.method}-{kind}-B{self.B}-T{self.T or 'dyn'}-rows{keep}"
+        keep = "all" if self.keep is None else str(self.keep)
+        return f"{self.role}-{self.method}-{kind}-B{self.B}-T{self.T or 'dyn'}-keep{keep}-R{self.R}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,12 +68,12 @@ class PhaseKey:
         return PhaseKey(**d)
 
 
-def call_key(role: str, method: str, block, input_ids: Tensor, rows: Optional[int]) -> Optional[PhaseKey]:
+def call_key(role: str, method: str, block, input_ids: Tensor, keep: Optional[int], cache) -> Optional[PhaseKey]:
     """The phase of one model call, or None for a call no phase covers (training, an int block)."""
     if not isinstance(block, Block) or block.anc is None or block.offsets is None:
         return None
     B, T = input_ids.shape
-    return PhaseKey(role, method, bool(block.advance), B, T, rows)
+    return PhaseKey(role, method, bool(block.advance), B, T, keep, cache_rows(cache))
 
 
 # ---- caches as tensors ---------------------------------------------------------------------------------
@@ -89,6 +92,12 @@ def cache_from(kind: str, capacity: int, tensors) -> object:
         return KVCache._view(*tensors)
     kv = KVCache._view(*tensors[4:6]) if len(tensors) > 4 else None
     return SSMCache._view(capacity, *tensors[:4], kv)
+
+
+def cache_rows(cache) -> int:
+    """Rows of the whole cache a (row-view) cache's tensors come from: its row stride says how many."""
+    t = cache_tensors(cache)[0]  # [layers, rows, ...]
+    return t.stride(0) // t.stride(1) if t.dim() > 1 and t.stride(1) else t.shape[1]
 
 
 def cache_kind(cache) -> str:
@@ -115,8 +124,8 @@ class Phase(nn.Module):
                       offsets=offsets)
         view = cache_from(self.kind, self.capacity, cache)
         if self.key.method == "hidden":
-            return self.model.hidden(input_ids, positions, view, block, num_rows=self.key.rows)
-        return self.model(input_ids, positions, view, block, num_logits=self.key.rows)
+            return self.model.hidden(input_ids, positions, view, block, num_rows=self.key.keep)
+        return self.model(input_ids, positions, view, block, num_logits=self.key.keep)
 
 
 def intercept(model: nn.Module, role: str, on_call) -> Callable[[], None]:
@@ -130,7 +139,7 @@ def intercept(model: nn.Module, role: str, on_call) -> Callable[[], None]:
     def wrap(method: str, fn, num_kw: str):
         def call(input_ids, position_ids, cache=None, block=None, num=None, **kw):
             num = kw.pop(num_kw, num)
-            key = None if cache is None or depth[0] else call_key(role, method, block, input_ids, num)
+            key = None if cache is None or depth[0] else call_key(role, method, block, input_ids, num, cache)
             if key is None:
                 return fn(model, input_ids, position_ids, cache, block, num)
 

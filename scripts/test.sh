@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 if [ "$#" -eq 0 ]; then
-  set -- tests -n 2  # two workers (pytest-xdist): in one process the suite takes ~13 min on the 2-core box
+  set -- tests -n 2 --dist loadgroup  # two workers (pytest-xdist): in one process the suite takes ~13 min on the 2-core box
 fi
 python -m pytest "$@"

@@ -1,0 +1,160 @@
+"""task=compile and backend=compiled end to end on a tiny checkpoint pair: one artifact (built once per run:
+AOTInductor takes ~30 s a phase on the 2-core box) serves every test here, so they share an xdist group."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import main
+from aot.build import ensure_artifact, open_runtime
+from runtime.load import load
+from spec_compiler.artifact import ArtifactError, read_manifest, sha256_file
+from tests.conftest import compose_config, write_checkpoint
+
+pytestmark = pytest.mark.xdist_group("aot")
+
+PROMPTS = ["def f(x):\n    return", "import os\nimport sys\n", "class A:\n    def __init__(self):", "x = [1, 2"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(overrides, artifact dir): a chain-of-2 plan over a tiny checkpoint target and its noisy copy, compiled
+    (target phases, batch sizes 1 and 4) through the CLI's task=compile."""
+    root = tmp_path_factory.mktemp("aot")
+    ckpt = write_checkpoint(root / "ckpt", seed=3)
+    base = ["target=hf", f"target.model.checkpoint={ckpt}", "drafter=noisy_copy", "tree=chain", "tree.k=2",
+            "target.max_seq_len=128", "compile.num_prompts=1", "compile.max_new_tokens=8", "compile.roles=[target]",
+            "compile.repeats=2", f"compile.dir={root / 'artifacts'}", "compile.batch_sizes=[1,4]",
+            f"task.output_dir={root / 'out'}"]
+    assert main.cli(["task=compile"] + base) == 0
+    (directory,) = (root / "artifacts").iterdir()
+    return base, directory, ckpt
+
+
+def runtimes(base, rows, extra=()):
+    spec, plan, _ = main.prepare(compose_config(base + list(extra)), in_run=False)
+    eager = load(plan, rows)
+    spec_c, plan_c, _ = main.prepare(compose_config(base + ["backend=compiled"] + list(extra)), in_run=False)
+    return eager, open_runtime(spec_c, plan_c, rows)
+
+
+def outputs(rt, n=4, max_new=16, seed=0):
+    reqs = [rt.request(rt.tokenizer.encode(p).ids, max_new, seed=seed + i) for i, p in enumerate(PROMPTS[:n])]
+    return [r.output_ids for r in rt.generate_many(reqs)]
+
+
+def test_manifest_records_plan_identity_phases_and_autotune(setup):
+    _, directory, ckpt = setup
+    m = read_manifest(directory)
+    assert m["plan"]["backend"] == "compiled" and directory.name == m["name"]
+    assert m["identity"]["device"]["kind"] == "cpu" and m["identity"]["versions"]["torch"] == torch.__version__
+    assert m["identity"]["checkpoints"]["target"]["model.safetensors"] == sha256_file(ckpt / "model.safetensors")
+    names = {p["phase"] for p in m["phases"]}
+    assert "target-forward-tree-B1-Tdyn-keepall-R1" in names and "target-forward-tree-B4-Tdyn-keepall-R4" in names
+    assert {"target-hidden-causal-B1-Tdyn-keep0-R1", "target-hidden-causal-B1-Tdyn-keep0-R4"} <= names  # prefill
+    for row in m["autotune"]:  # every phase timed under eager and AOTInductor, the faster chosen
+        assert set(row["backends"]) == {"eager", "aoti"} and row["chosen"] in ("eager", "aoti")
+        assert "seconds" in row["backends"]["eager"]
+        assert row["backends"]["aoti"].get("max_abs_diff", 1) < 1e-3, row
+    for p in m["phases"]:
+        if p["backend"] == "aoti":
+            assert (directory / p["file"]).is_file() and m["files"][p["file"]] == sha256_file(directory / p["file"])
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_compiled_greedy_equals_eager(setup, rows):
+    base, _, _ = setup
+    eager, compiled = runtimes(base, rows)
+    assert outputs(compiled) == outputs(eager)
+    stats = compiled.compiled.stats
+    assert stats.hits[f"target-forward-tree-B{rows}-Tdyn-keepall-R{rows}"] > 0
+    assert stats.hits[f"target-hidden-causal-B1-Tdyn-keep0-R{rows}"] == len(PROMPTS)  # every prompt's prefill
+
+
+def test_compiled_sampling_equals_eager_for_the_same_seed(setup):
+    base, _, _ = setup
+    eager, compiled = runtimes(base, 4, ["sampling=sample"])
+    assert outputs(compiled, seed=7) == outputs(eager, seed=7)
+
+
+def test_compiling_twice_reuses_the_artifact(setup):
+    base, directory, _ = setup
+    before = (directory / "manifest.json").stat().st_mtime_ns
+    spec, plan, _ = main.prepare(compose_config(["task=compile"] + base), in_run=False)
+    _, _, what = ensure_artifact(plan, spec.compile, [1, 4], progress=False)
+    assert what == "reused" and (directory / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_nothing_compiles_after_load(setup, monkeypatch):
+    base, _, _ = setup
+    eager, compiled = runtimes(base, 1)
+
+    def forbidden(*a, **k):
+        raise AssertionError("compiled during decoding")
+    monkeypatch.setattr(torch.export, "export", forbidden)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", forbidden)
+    monkeypatch.setattr(torch, "compile", forbidden)
+    from torch._dynamo.utils import counters
+    frames = sum(counters["frames"].values())
+    outputs(compiled, n=2)
+    assert sum(counters["frames"].values()) == frames  # no Dynamo frame was compiled
+    assert sum(compiled.compiled.stats.hits.values()) > 0
+
+
+def copy_with(directory, tmp_path, edit):
+    """A copy of the artifact whose manifest `edit(manifest)` changed."""
+    copy = tmp_path / directory.name
+    shutil.copytree(directory, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    edit(m)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    return copy
+
+
+@pytest.mark.parametrize("what,edit,expect", [
+    ("device", lambda m: m["identity"].update(device={"kind": "cuda", "name": "NVIDIA H200", "capability": "9.0"}),
+     "device: built for NVIDIA H200 (compute capability 9.0), this machine is CPU"),
+    ("version", lambda m: m["identity"]["versions"].update(torch="2.11.0+cu128"), "torch: built with 2.11.0+cu128"),
+    ("plan", lambda m: m["plan"].update(tree_parents=[-1, 0]), "plan.tree_parents: built for [-1, 0]"),
+])
+def test_mismatched_artifact_is_refused_naming_the_difference(setup, tmp_path, capsys, what, edit, expect):
+    base, directory, _ = setup
+    copy = copy_with(directory, tmp_path, edit)
+    code = main.cli(base + ["backend=compiled", f"compile.artifact={copy}", "task.max_new_tokens=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err and expect in err, err
+
+
+def test_corrupt_program_is_refused_by_sha256(setup, tmp_path, capsys):
+    base, directory, _ = setup
+    copy = copy_with(directory, tmp_path, lambda m: None)
+    program = next(p for p in (copy / "phases").iterdir() if p.suffix == ".pt2")
+    program.write_bytes(program.read_bytes()[:-100])  # truncated
+    assert main.cli(base + ["backend=compiled", f"compile.artifact={copy}", "task.max_new_tokens=4"]) == 2
+    err = capsys.readouterr().err
+    assert program.name in err and "sha256" in err, err
+
+
+def test_mismatch_rebuilds_when_asked(setup, tmp_path, monkeypatch):
+    base, directory, _ = setup
+    copy = copy_with(directory, tmp_path, lambda m: m["identity"]["versions"].update(torch="0.0"))
+    built = []
+    monkeypatch.setattr("aot.build.build", lambda plan, cfg, bs, d, *a, **k: built.append((d, bs)) or read_manifest(d))
+    spec, plan, _ = main.prepare(compose_config(base + ["backend=compiled", f"compile.artifact={copy}",
+                                                        "compile.on_mismatch=rebuild"]), in_run=False)
+    _, _, what = ensure_artifact(plan, spec.compile, [1], progress=False)
+    assert what == "rebuilt" and built == [(copy, [1, 4])]
+
+
+def test_checkpoint_changed_in_place_is_refused(setup, capsys):
+    base, directory, ckpt = setup
+    weights = ckpt / "model.safetensors"
+    saved = weights.read_bytes()
+    try:
+        write_checkpoint(ckpt, seed=4)  # same path, same shapes, other weights
+        assert main.cli(base + ["backend=compiled", "task.max_new_tokens=4"]) == 2
+        err = capsys.readouterr().err
+        assert "target checkpoint: model.safetensors changed since the build" in err, err
+    finally:
+        weights.write_bytes(saved)
