@@ -22,8 +22,6 @@ called.
 Shape legend: B batch, H query heads, Hkv key/value heads, T new tokens, C cache capacity (slots),
 S attended slots, D head dim, W = ceil(T / 64) bitset words, L layers, M slots moved per row.
 """
-from __future__ import annotations
-
 from typing import Optional
 
 import torch
