@@ -105,21 +105,22 @@ def bitsets_to_mask(bits: torch.Tensor) -> torch.Tensor:
 def tree_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        prefix_len: int | torch.Tensor, ancestor_bits: torch.Tensor,
                        sm_scale: float | None = None) -> torch.Tensor:
-    """Masked SDPA over slots [0, prefix_len + T) in fp32, rounded once to q's dtype."""
+    """Masked SDPA in fp32 over slots [0, max(prefix_len) + T), rounded once to q's dtype, in q's layout.
+
+    Row b sees slots [0, prefix_len[b]) and tree node j (slot prefix_len[b] + j) where bit j of its row is set;
+    slots past a row's own tree are masked. Reads max(prefix_len) on the host.
+    """
     # q: [B, H, T, D]; k_cache, v_cache: [B, Hkv, C, D]; prefix_len: int | [B]; ancestor_bits: [T, W] | [B, T, W]
     B, H, T, D = q.shape
-    group = H // k_cache.shape[1]
-    prefix = _per_request(prefix_len, B, "cpu").tolist()
+    prefix = _per_request(prefix_len, B, q.device).long()  # [B]
+    S = int(prefix.max()) + T
     bits = ancestor_bits.expand(B, T, ancestor_bits.shape[-1]) if ancestor_bits.dim() == 2 else ancestor_bits
-    out = torch.empty_like(q)
-    for b in range(B):
-        S = prefix[b] + T
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device)  # [T, S]
-        mask[:, prefix[b]:] = bitsets_to_mask(bits[b])
-        k = k_cache[b, :, :S].float().repeat_interleave(group, dim=0)  # [H, S, D]
-        v = v_cache[b, :, :S].float().repeat_interleave(group, dim=0)  # [H, S, D]
-        out[b] = F.scaled_dot_product_attention(q[b].float(), k, v, attn_mask=mask, scale=sm_scale).to(q.dtype)
-    return out
+    node = torch.arange(S, device=q.device) - prefix[:, None]  # [B, S]: tree node id at each slot (< 0: prefix)
+    in_tree = bitsets_to_mask(bits).gather(-1, node.clamp(0, T - 1)[:, None].expand(B, T, S))  # [B, T, S]
+    mask = (node < 0)[:, None] | (in_tree & (node < T)[:, None])  # [B, T, S]
+    k, v = k_cache[:, :, :S].float(), v_cache[:, :, :S].float()  # [B, Hkv, S, D]
+    y = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask[:, None], scale=sm_scale, enable_gqa=True)
+    return torch.empty_like(q).copy_(y)
 
 
 # ---------------------------------------------------------------------------------------------------

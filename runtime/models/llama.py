@@ -61,11 +61,16 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_
     (`Block.slots`) and the window S they attend over; mask: [B, 1, T, S] additive (0 / -inf), made once
     per forward from `block.mask`. -> [B, T, H*D]. SDPA's enable_gqa reads each KV head in place for its
     H/Hkv query heads (bitwise equal to repeating the KV heads, without copying the cache every call).
+    Under torch.export / torch.compile the cached path is the custom op `spec::cached_attention`
+    (codegen/ops.py: the same arithmetic, one opaque node); eager skips the op dispatch.
     """
     B, H, T, D = q.shape
     if k_cache is None:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                            enable_gqa=True)
+    elif torch.compiler.is_compiling():  # torch.export / dynamo: one opaque node, not a decomposed SDPA
+        from codegen import ops  # noqa: F401  (registers torch.ops.spec; lazy: eager never pays for it)
+        y = torch.ops.spec.cached_attention(q, k, v, k_cache, v_cache, block.slots, mask, block.S, scale)
     else:
         if block.start is not None:  # every row writes slots start..start+T-1: a plain slice
             k_cache[:, :, block.start:block.start + T] = k

@@ -220,7 +220,11 @@ class Mamba2Mixer(nn.Module):
         elif plan.advance:
             y, state = ssd_chunked_scan(x, dt, A, Bm, Cm, c.chunk_size, D, S0[:, 0])
         elif self.use_triton and x.is_cuda and cdt == torch.float32 and not plan.scratch_roots:
-            y, state = ssm_tree_scan(x, dt, A, Bm, Cm, plan.anc, D=D, init_state=S0[:, 0], return_states=True)
+            if torch.compiler.is_compiling():  # torch.export: the kernel as one opaque node (codegen/ops.py)
+                from codegen import ops  # noqa: F401  (registers torch.ops.spec)
+                y, state = torch.ops.spec.ssm_tree_scan(x, dt, A, Bm, Cm, plan.anc, D, S0[:, 0], True)
+            else:
+                y, state = ssm_tree_scan(x, dt, A, Bm, Cm, plan.anc, D=D, init_state=S0[:, 0], return_states=True)
         else:  # roots continuing from scratch (a drafter's level: one state per node), or CPU: the torch form
             y, state = ssm_tree_scan_ref(x, dt, A, Bm, Cm, plan.anc, D=D, init_states=S0,
                                          init_index=plan.init_index, return_states=True)
