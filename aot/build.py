@@ -240,8 +240,9 @@ def build(plan: Plan, cfg: CompileConfig, batch_sizes: list[int], directory: Pat
                 if "--debug" in sys.argv:
                     traceback.print_exc()
             bar.update(1)
-        ok = {b: e for b, e in row["backends"].items() if "error" not in e and "seconds" in e}
-        row["chosen"] = min(ok, key=lambda b: ok[b]["seconds"])
+        listed = [b.value for b in cfg.backends]
+        ok = {b: e for b, e in row["backends"].items() if "error" not in e and "seconds" in e and b in listed}
+        row["chosen"] = min(ok, key=lambda b: ok[b]["seconds"]) if ok else "eager"  # eager: the fallback
         for b, e in row["backends"].items():  # unchosen programs are not kept
             if b != row["chosen"] and "file" in e:
                 (directory / e.pop("file")).unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from runtime.phases import BLOCK_INPUTS, PhaseKey, intercept
 
 def load_program(backend: str, path: Path) -> Callable:
     """A compiled phase program: fn(*phase inputs) -> output."""
+    import codegen.ops  # noqa: F401  (the spec:: custom ops a program calls back into must be registered)
     if backend == "aoti":
         return torch._inductor.aoti_load_package(str(path))
     if backend == "tensorrt":

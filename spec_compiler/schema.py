@@ -528,7 +528,9 @@ class CompileConfig:
     """An artifact for another device, library version, plan or changed checkpoint: refuse (naming what
     differs) or rebuild."""
     backends: list[PhaseBackend] = field(default_factory=lambda: [PhaseBackend.eager, PhaseBackend.aoti])
-    """Backends the autotuner times for every phase (tensorrt only where torch_tensorrt imports)."""
+    """Backends the autotuner chooses from for every phase, the fastest on this device winning (tensorrt only
+    where torch_tensorrt imports). Eager is always timed as the reference; without it in the list a phase
+    runs eager only when no listed backend compiles it."""
     roles: list[str] = field(default_factory=lambda: ["target", "drafter"])
     """Models whose phases are compiled (target, drafter); the others run eager."""
     batch_sizes: list[int] = field(default_factory=list)
@@ -553,7 +555,7 @@ class CompileConfig:
             if r not in ("target", "drafter"):
                 raise ConfigError(f"compile.roles[{i}]", "must be target or drafter", r)
         if not self.backends:
-            raise ConfigError("compile.backends", "must list at least one backend (eager is the reference)", [])
+            raise ConfigError("compile.backends", "must list at least one backend (e.g. [eager, aoti])", [])
 
 
 @dataclass
