@@ -69,7 +69,9 @@ def discover(rt, roles: list[str], batch_sizes: list[int], prompts: list[list[in
     calls: dict[PhaseKey, int] = {}
 
     def program_key(key: PhaseKey) -> PhaseKey:
-        return key if (static_tree and not key.advance) else key.dynamic()
+        # SSM forwards branch on T (one token: the recurrence once; a causal block: the chunked scan over
+        # T // chunk chunks), so their programs keep T static
+        return key if ((static_tree and not key.advance) or key.flags) else key.dynamic()
 
     for B in batch_sizes:
         rtb = rt.with_batch_size(B)
@@ -297,7 +299,7 @@ def ensure_artifact(plan: Plan, cfg: CompileConfig, batch_sizes: list[int], comm
 
 def compile_summary(directory: Path, manifest: dict) -> str:
     """The autotune table as markdown (per phase: seconds per backend, the choice)."""
-    backends = manifest["backends"]
+    backends = ["eager"] + [b for b in manifest["backends"] if b != "eager"]
     lines = [f"artifact `{directory}` ({manifest['name']}, built in {manifest['build_seconds']} s)", "",
              "| phase | calls | T x S | " + " | ".join(f"{b} ms" for b in backends) + " | chosen |",
              "|---|---|---|" + "---|" * len(backends) + "---|"]

@@ -49,12 +49,15 @@ class PhaseKey:
     """Outputs kept: None every token, 0 none (prefill), n the last n."""
     R: int = 1
     """Rows of the whole cache the call's view is taken from."""
+    flags: tuple = ()
+    """SSM caches: the host facts the forward's plan branches on (`SSMCache.facts`), fixed in the program."""
 
     @property
     def name(self) -> str:
         kind = "causal" if self.advance else "tree"
         keep = "all" if self.keep is None else str(self.keep)
-        return f"{self.role}-{self.method}-{kind}-B{self.B}-T{self.T or 'dyn'}-keep{keep}-R{self.R}"
+        flags = "-F" + "".join(str(int(f)) for f in self.flags) if self.flags else ""
+        return f"{self.role}-{self.method}-{kind}-B{self.B}-T{self.T or 'dyn'}-keep{keep}-R{self.R}{flags}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +68,7 @@ class PhaseKey:
 
     @staticmethod
     def from_dict(d: dict) -> "PhaseKey":
-        return PhaseKey(**d)
+        return PhaseKey(**{**d, "flags": tuple(d.get("flags", ()))})
 
 
 def call_key(role: str, method: str, block, input_ids: Tensor, keep: Optional[int], cache) -> Optional[PhaseKey]:
@@ -73,7 +76,8 @@ def call_key(role: str, method: str, block, input_ids: Tensor, keep: Optional[in
     if not isinstance(block, Block) or block.anc is None or block.offsets is None:
         return None
     B, T = input_ids.shape
-    return PhaseKey(role, method, bool(block.advance), B, T, keep, cache_rows(cache))
+    flags = cache.facts(block) if isinstance(cache, SSMCache) else ()
+    return PhaseKey(role, method, bool(block.advance), B, T, keep, cache_rows(cache), flags)
 
 
 # ---- caches as tensors ---------------------------------------------------------------------------------
@@ -123,6 +127,8 @@ class Phase(nn.Module):
         block = Block(slots, positions, parent_slots, mask, lengths, advance=self.key.advance, anc=anc,
                       offsets=offsets)
         view = cache_from(self.kind, self.capacity, cache)
+        if self.kind == "ssm":
+            view.host_flags = self.key.flags
         if self.key.method == "hidden":
             return self.model.hidden(input_ids, positions, view, block, num_rows=self.key.keep)
         return self.model(input_ids, positions, view, block, num_logits=self.key.keep)

@@ -117,6 +117,9 @@ class SSMCache:
         the B x T tokens (a few host reads for the checks and the choice of path)."""
         B, T = block.slots.shape
         lengths = block.lengths
+        flags = self.host_flags
+        if flags is not None:  # host facts given (a traced phase): no data-dependent reads, no checks
+            return self._plan_given(block, *flags)
         if block.advance:
             if block.start is not None:
                 fresh = torch.full((B,), True, device=lengths.device) if block.start == 0 else None
@@ -128,20 +131,29 @@ class SSMCache:
         slots, parent_slots, offsets = block.slots, block.parent_slots, block.offsets
         L = lengths[:, None]  # [B, 1]
         anc = block.anc if block.anc is not None else _ancestors(slots, parent_slots)  # [B, T, T]
-        rank = anc.cumsum(-1) - 1  # [B, T, T]: at node t's in-block ancestors, their depth 0..depth_t
-        depth = rank[..., -1]  # [B, T] in-block depth
-        root = anc.to(torch.uint8).argmax(-1)  # [B, T]: the first ancestor-or-self (topological order)
-        root_parent = parent_slots.gather(1, root)  # [B, T]: the slot each node's block root continues from
-        from_scratch = root_parent >= L
+        root_parent = parent_slots.gather(1, anc.to(torch.uint8).argmax(-1))  # [B, T]: where each block root continues
         bad_branch = ((root_parent >= 0) & (root_parent < L - 1)).any()
         lo_off, hi_off = offsets.aminmax()
         fresh = lengths == 0
-        scratch_roots, any_fresh, branch = (bool(from_scratch.any()), bool(fresh.any()), bool(bad_branch))
+        scratch_roots, any_fresh, branch = (bool((root_parent >= L).any()), bool(fresh.any()), bool(bad_branch))
         assert not branch, ("a token's parent slot lies inside the committed prefix (before L_b - 1): a forward "
                             "can only continue from the last committed slot, the block, or scratch")
         assert 0 <= int(lo_off) and int(hi_off) < self.num_scratch, (
             f"tree nodes write scratch offsets {int(lo_off)}..{int(hi_off)}, outside [0, {self.num_scratch}): "
             "new_cache(num_scratch=...) must cover the tree bucket")
+        return self._tree_plan(block, fresh if any_fresh else None, scratch_roots)
+
+    def _tree_plan(self, block: Block, fresh: Tensor | None, scratch_roots: bool) -> ForwardPlan:
+        """A tree block's plan once its host facts are known (no host reads)."""
+        B, T = block.slots.shape
+        slots, parent_slots, offsets = block.slots, block.parent_slots, block.offsets
+        L = block.lengths[:, None]  # [B, 1]
+        anc = block.anc if block.anc is not None else _ancestors(slots, parent_slots)  # [B, T, T]
+        rank = anc.cumsum(-1) - 1  # [B, T, T]: at node t's in-block ancestors, their depth 0..depth_t
+        depth = rank[..., -1]  # [B, T] in-block depth
+        root = anc.to(torch.uint8).argmax(-1)  # [B, T]: the first ancestor-or-self (topological order)
+        root_parent = parent_slots.gather(1, root)  # [B, T]: the slot each node's block root continues from
+        from_scratch = root_parent >= L
 
         # conv windows: entry r (oldest first) of node t is its k-th newest path input, k = W-1-r: the in-block
         # ancestor at depth depth_t - k when that is >= 0, else entry k - depth_t from the end of the window
@@ -152,10 +164,30 @@ class SSMCache:
         need = depth[..., None] - torch.arange(W1, -1, -1, device=slots.device)  # [B, T, W] depth of entry r
         at = (anc[:, :, None, :] & (rank[:, :, None, :] == need[..., None])).to(torch.uint8).argmax(-1)  # [B, T, W]
         conv_index = torch.where(need >= 0, R_read * W1 + at, init_index[..., None] * W1 + W1 + need)
-        return ForwardPlan(False, fresh if any_fresh else None, scratch_roots,
+        return ForwardPlan(False, fresh, scratch_roots,
                            (root_parent - L).clamp(min=0) if scratch_roots else None,
                            from_scratch if scratch_roots else None, init_index, anc, conv_index, offsets,
                            torch.arange(B, device=slots.device)[:, None].expand(B, T))
+
+    host_flags: tuple[bool, bool] | None = None
+    """(some row has L_b = 0, some block root continues from scratch) when known without reading tensors: a traced
+    phase (runtime/phases.py) sets them on its cache view, from `facts(block)` taken on the host at dispatch."""
+
+    def facts(self, block: Block) -> tuple[bool, bool]:
+        """The two host facts `plan` branches on (see host_flags)."""
+        fresh = bool((block.lengths == 0).any())
+        if block.advance:
+            return fresh, False
+        anc = block.anc if block.anc is not None else _ancestors(block.slots, block.parent_slots)
+        root = anc.to(torch.uint8).argmax(-1)
+        return fresh, bool((block.parent_slots.gather(1, root) >= block.lengths[:, None]).any())
+
+    def _plan_given(self, block: Block, any_fresh: bool, scratch_roots: bool) -> ForwardPlan:
+        """`plan` with its host facts given: the same tensors, computed without a host read."""
+        fresh = (block.lengths == 0) if any_fresh else None
+        if block.advance:
+            return ForwardPlan(True, fresh)
+        return self._tree_plan(block, fresh, scratch_roots)
 
     # ---- per layer ---------------------------------------------------------------------------------------
     def read(self, layer: int, plan: ForwardPlan) -> tuple[Tensor, Tensor]:
