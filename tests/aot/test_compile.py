@@ -164,3 +164,16 @@ def test_checkpoint_changed_in_place_is_refused(setup, capsys):
         assert "target checkpoint: model.safetensors changed since the build" in err, err
     finally:
         weights.write_bytes(saved)
+
+
+def test_mamba2_target_compiled_equals_eager(tmp_path):
+    """A Mamba2 target's tree and prefill phases export (SSM plans take their host facts from the key) and the
+    compiled runtime decodes exactly as eager."""
+    base = ["target=mamba2_tiny", "target.model.num_layers=2", "drafter=noisy_copy", "tree=chain", "tree.k=1",
+            "target.max_seq_len=96", "compile.num_prompts=1", "compile.max_new_tokens=6", "compile.roles=[target]",
+            "compile.repeats=1", "compile.backends=[aoti]", f"compile.dir={tmp_path}", "compile.batch_sizes=[1]"]
+    eager, compiled = runtimes(base, 1)
+    phases = {p["phase"]: p["backend"] for p in compiled.compiled.manifest["phases"]}
+    assert phases["target-forward-tree-B1-T2-keepall-R1-F00"] == "aoti", phases
+    assert outputs(compiled, n=2, max_new=12) == outputs(eager, n=2, max_new=12)
+    assert compiled.compiled.stats.hits["target-forward-tree-B1-T2-keepall-R1-F00"] > 0
