@@ -9,8 +9,9 @@ own models, and pick the tree.
   level would draft, without its R^D nodes). Prompt lookup is probed through its own `propose` on that text
   (a chain: its trie's branches follow the matches, so only its depth is chosen).
 - `profile_costs`: one step past drafting per tree size (a real `Engine.step` over a drafter that hands back
-  a fixed tree: verify forward, acceptance, commit) and the drafter's level forward per width, each the
-  median of repeated timed calls under inference mode, at the runtime's batch size.
+  a fixed tree: verify forward, acceptance, commit), the drafter's level forward per width, and its whole
+  propose of a one-token chain (the per-step part beyond the level forwards), each the median of repeated
+  timed calls under inference mode, at the runtime's batch size.
 - `resolve_budget(plan, runtime)`: both, the choice, and the record the compile step writes to its manifest.
 """
 from __future__ import annotations
@@ -156,17 +157,21 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn, repeats: int, warmup: int, device) -> float:
+def _median_times(fns: Sequence, repeats: int, warmup: int, device) -> list[float]:
+    """Median seconds of each call in `fns`, timed round-robin (a burst of load on a shared machine then
+    slows every entry of a table alike, not one of them)."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def _fresh_cache(model, like):
@@ -191,15 +196,15 @@ def profile_costs(runtime, sizes: Sequence[int], context: int = 128, repeats: in
     assert sizes and sizes[0] >= 1 and sizes[-1] <= plan.tree_slots, (sizes, plan.tree_slots)
     ctx = max(1, min(context, plan.max_seq_len - sizes[-1] - 2 * (repeats + warmup) - 2))
     prompt = _text(ctx + 1, vocab)
-    cache = _fresh_cache(runtime.target, runtime.cache)
-    verify = []
-    for T in sizes:
+    steps = []
+    for T in sizes:  # an engine (and cache) per size: their steps are timed round-robin
         fixed = _FixedTree(TreeTopology.chain(T - 1), _text(T, vocab)[::-1])
-        eng = Engine(runtime.target, cache, fixed, max_seq_len=plan.max_seq_len, kv_window=plan.kv_window,
-                     verify_head=plan.verify_head)
+        eng = Engine(runtime.target, _fresh_cache(runtime.target, runtime.cache), fixed, max_seq_len=plan.max_seq_len,
+                     kv_window=plan.kv_window, verify_head=plan.verify_head)
         for _ in range(B):
             eng.add(runtime.request(prompt, plan.max_seq_len))
-        verify.append((T, _median_time(eng.step, repeats, warmup, dev)))
+        steps.append(eng.step)
+    verify = list(zip(sizes, _median_times(steps, repeats, warmup, dev)))
     d = runtime.drafter
     if isinstance(d, PromptLookupDrafter):
         probe = PromptLookupDrafter(TreeTopology.chain(sizes[-1] - 1), d.min_n, d.max_n, d.num_pred, B)
@@ -207,17 +212,19 @@ def profile_costs(runtime, sizes: Sequence[int], context: int = 128, repeats: in
         rows = [SimpleNamespace(tokens=text, slot=b, sampler=None) for b in range(B)]
         for b in range(B):
             probe.start(b, text)
-        fixed = _median_time(lambda: probe.propose(rows, [sizes[-1] - 1] * B), repeats, warmup, "cpu")
+        fixed, = _median_times([lambda: probe.propose(rows, [sizes[-1] - 1] * B)], repeats, warmup, "cpu")
         return CostModel(B, tuple(verify), (), fixed)
     assert isinstance(d, ModelDrafter), type(d).__name__
-    return CostModel(B, tuple(verify), tuple(_draft_levels(d, B, ctx, [w for w in sizes if w < sizes[-1]] or [1],
-                                                           repeats, warmup)))
+    widths = [w for w in sizes if w < sizes[-1]] or [1]
+    *levels, propose = _median_times(_draft_levels(d, B, ctx, widths) + [_propose_chain(d, B, ctx)], repeats, warmup,
+                                     d.device)
+    return CostModel(B, tuple(verify), tuple(zip(widths, levels)), max(0.0, propose - levels[0]))
 
 
 @torch.inference_mode()
-def _draft_levels(d: ModelDrafter, B: int, ctx: int, widths: Sequence[int], repeats: int, warmup: int):
-    """(w, seconds of one level forward of w nodes per row from a committed root, with its top-k), as
-    ModelDrafter.propose runs it."""
+def _draft_levels(d: ModelDrafter, B: int, ctx: int, widths: Sequence[int]) -> list:
+    """Per width w, a call running one level forward of w nodes per row from a committed root (its block and
+    top-k included), as ModelDrafter.propose runs it."""
     cache = _fresh_cache(d.model, d.cache)
     view = cache.view_rows(0, B)
     kv = lambda need: need if d.kv_window == "live" else cache.capacity  # noqa: E731
@@ -230,15 +237,33 @@ def _draft_levels(d: ModelDrafter, B: int, ctx: int, widths: Sequence[int], repe
         topo = TreeTopology.static([w])
         full = TreeBatch.build([topo] * B, [_text(w + 1, d.vocab)] * B,
                                [[Provenance.root] + [Provenance.topk] * w] * B, w + 1)
-        blk = Block.tree(cached, full, kv(ctx + w), 1, w + 1, base=cached - 1, device=d.device)
         toks = full.tokens[:, 1:].to(d.device)
 
-        def level():
+        @torch.inference_mode()
+        def level(w=w, full=full, toks=toks):
+            blk = Block.tree(cached, full, kv(ctx + w), 1, w + 1, base=cached - 1, device=d.device)
             logits = d.model(toks, blk.positions, view, blk)  # [B, w, Vd]
             torch.topk(logits, min(w, logits.shape[-1]), dim=-1).indices.cpu()
 
-        out.append((w, _median_time(level, repeats, warmup, d.device)))
+        out.append(level)
     return out
+
+
+def _propose_chain(d: ModelDrafter, B: int, ctx: int):
+    """A call running the drafter's whole propose of a one-token chain (catch-up on one new token per row,
+    top-k, the tree's bookkeeping): what a step's drafting costs beyond its level forwards, plus one forward."""
+    probe = ModelDrafter(d.model, TreeTopology.chain(1), d.cache.capacity, d.kind, d.temperature, d.vocab, B, d.s2t,
+                         d.kv_window, _fresh_cache(d.model, d.cache))
+    rows = [SimpleNamespace(tokens=_text(ctx, d.vocab), slot=b, sampler=None) for b in range(B)]
+    for r in rows:
+        probe.start(r.slot, r.tokens)
+
+    def step():
+        for r in rows:
+            r.tokens.append(r.tokens[-2])  # one new committed token per row, as after a step that accepted nothing
+        probe.propose(rows, [1] * B)
+
+    return step
 
 
 def verify_sizes(max_nodes: int) -> list[int]:

@@ -112,7 +112,8 @@ class CostModel:
     draft_level: tuple[tuple[int, float], ...] = ()
     """(w, seconds of one drafter forward of w nodes per row plus its top-k), ascending w; empty: no model."""
     draft_fixed: float = 0.0
-    """Seconds per drafted step whatever the shape (prompt lookup's whole propose; 0 for a model drafter)."""
+    """Seconds per drafted step whatever the shape: prompt lookup's whole propose; a model drafter's propose
+    beyond its level forwards (catch-up bookkeeping, building the tree)."""
 
     def verify_time(self, n: int) -> float:
         return _interp(self.verify, n)

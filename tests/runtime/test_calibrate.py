@@ -86,7 +86,7 @@ def test_the_distilled_drafter_agrees_with_its_target(rt, prompts):
 def test_cost_tables_have_the_asked_shape(rt, rows):
     costs = profile_costs(rt.with_batch_size(rows), [1, 2, 4], repeats=3, warmup=1)
     assert costs.rows == rows and [t for t, _ in costs.verify] == [1, 2, 4]
-    assert [w for w, _ in costs.draft_level] == [1, 2] and costs.draft_fixed == 0.0
+    assert [w for w, _ in costs.draft_level] == [1, 2] and costs.draft_fixed >= 0.0
     assert all(s > 0 for _, s in costs.verify + costs.draft_level)
 
 
