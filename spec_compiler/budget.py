@@ -18,7 +18,7 @@ and the compile step records them, the choice and every candidate in the artifac
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Optional, Sequence
 
