@@ -129,6 +129,8 @@ def run(cfg: Union[DictConfig, SpecConfig]) -> dict:
         else:
             task = run_bench if spec.task.kind is TaskKind.bench else run_generate
         result = task(rt, spec, job)
+        if rt.tree_budget is not None:  # tree.budget=auto: the choice, its inputs and every candidate
+            result["tree_budget"] = rt.tree_budget
     result["overrides"] = " ".join(hydra_overrides())
     (job.out / "result.json").write_text(json.dumps(result, indent=2))
     return result

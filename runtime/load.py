@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from tokenizers import Tokenizer
 
+from runtime.calibrate import resolve_budget
 from runtime.decode import DecodeResult, Engine, Request, SamplingParams, StepState
 from runtime.drafters import ModelDrafter, NoDrafter
 from runtime.datastore import open_store
@@ -27,7 +28,7 @@ from spec_compiler.checkpoint import read_eos_ids
 from spec_compiler.plan import ModelPlan, Plan
 from spec_compiler.schema import AcceptanceRule, ChildKind
 from spec_compiler.tokenizer import EOT, get_tokenizer
-from spec_compiler.tree import TreeTopology
+from spec_compiler.tree import TreeTopology, tree_buckets
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,6 +64,8 @@ class Runtime:
     """The CPU fast paths applied at load time, per model ("target", "drafter"): runtime/transforms.py."""
     compiled: object = None
     """backend=compiled: the artifact it runs from (runtime.compiled.Compiled); None for eager."""
+    tree_budget: Optional[dict] = None
+    """tree.budget=auto: how the tree was chosen (runtime.calibrate.resolve_budget's record), else None."""
 
     @property
     def batch_size(self) -> int:
@@ -90,6 +93,16 @@ class Runtime:
     def with_drafter(self, drafter) -> "Runtime":
         """The same target and cache with another drafter (bench runs the baseline this way)."""
         return dataclasses.replace(self, drafter=drafter)
+
+    def with_tree(self, parents, record: Optional[dict] = None) -> "Runtime":
+        """The same models and caches drafting the static tree `parents` (tree.budget=auto's choice); the plan's
+        tree_parents and tree_buckets follow, its cache stays (the tree must fit its scratch slots)."""
+        topo = TreeTopology(tuple(parents))
+        if topo.n > self.plan.tree_slots:
+            raise ValueError(f"a tree of {topo.n} nodes exceeds the plan's {self.plan.tree_slots} tree slots")
+        plan = dataclasses.replace(self.plan, tree_parents=topo.parents, tree_buckets=tree_buckets(topo.n))
+        return dataclasses.replace(self, plan=plan, drafter=with_topology(self.drafter, topo),
+                                   tree_budget=record if record is not None else self.tree_budget)
 
     def with_batch_size(self, rows: int) -> "Runtime":
         """The same models with caches for `rows` requests decoded together."""
@@ -144,6 +157,16 @@ def make_drafter(plan: Plan, target, cache=None, tokenizer=None, eos_ids: tuple[
     return drafter
 
 
+def with_topology(drafter, topo: TreeTopology):
+    """The same static-tree drafter (model or prompt lookup) drafting `topo` instead; rows start afresh."""
+    if isinstance(drafter, ModelDrafter) and drafter.policy is None:
+        return ModelDrafter(drafter.model, topo, drafter.cache.capacity, drafter.kind, drafter.temperature,
+                            drafter.vocab, drafter.cache.rows, drafter.s2t, drafter.kv_window, drafter.cache)
+    if isinstance(drafter, PromptLookupDrafter):
+        return PromptLookupDrafter(topo, drafter.min_n, drafter.max_n, drafter.num_pred, len(drafter.rows))
+    raise ValueError(f"{type(drafter).__name__} has no static tree to replace")
+
+
 def grown_policy(plan: Plan) -> Policy:
     """The plan's run-time tree builder (tree=dynamic | beam), or None for a static tree."""
     g = plan.grown_tree
@@ -154,8 +177,10 @@ def grown_policy(plan: Plan) -> Policy:
     return BeamTree(g.beam_width, g.beam_depth)
 
 
-def load(plan: Plan, batch_size: int = 1) -> Runtime:
-    """The plan's models, with caches for `batch_size` requests decoded together."""
+def load(plan: Plan, batch_size: int = 1, tree_parents: Optional[Sequence[int]] = None) -> Runtime:
+    """The plan's models, with caches for `batch_size` requests decoded together. `tree_parents`: the static
+    tree to draft instead of the plan's (an artifact's tree.budget=auto choice); without it a tree.budget=auto
+    plan is calibrated now (runtime.calibrate.resolve_budget: seconds on the default pair, said on stderr)."""
     target = build_model(plan.target, plan.device)
     cache = new_cache(target, plan, batch_size)
     tokenizer = get_tokenizer(plan.tokenizer)
@@ -168,4 +193,9 @@ def load(plan: Plan, batch_size: int = 1) -> Runtime:
     drafter = make_drafter(plan, target, cache, tokenizer, eos, rows=batch_size)
     draft_model = drafter.model.model if isinstance(drafter, FusedDrafter) else getattr(drafter, "model", None)
     transforms = transform_models(plan.cpu_transforms, target=target, drafter=draft_model)
-    return Runtime(plan, target, cache, drafter, tokenizer, eos, sampling, transforms)
+    rt = Runtime(plan, target, cache, drafter, tokenizer, eos, sampling, transforms)
+    if tree_parents is not None:
+        return rt.with_tree(tree_parents)
+    if plan.tree_budget is not None:
+        return rt.with_tree(*resolve_budget(plan, rt))
+    return rt

@@ -109,6 +109,20 @@ class GrownTreePlan:
 
 
 @dataclass(frozen=True)
+class TreeBudgetPlan:
+    """tree.budget=auto: the tree is chosen by runtime/calibrate.py (resolve_budget) before decoding; until then
+    the plan's tree_parents hold the deepest candidate, a chain of max_nodes nodes (the cache is sized for it)."""
+
+    family: str
+    """chain (chains only: tree.policy=chain, or prompt lookup) | static (chains, branchings, Sequoia trees)."""
+    max_nodes: int
+    calibration_prompts: str
+    """Absolute Spec-Bench question file."""
+    num_calibration_prompts: int
+    calibration_max_new_tokens: int
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     target: ModelPlan
@@ -147,6 +161,8 @@ class Plan:
     """Load-time CPU fast paths (runtime/transforms.py); all off unless device is cpu."""
     retrieval: Optional[RetrievalPlan] = None
     """The retrieval source (alone with drafter_kind none, else fused: RASD); None = no retrieval."""
+    tree_budget: Optional[TreeBudgetPlan] = None
+    """tree.budget=auto settings; None = tree_parents is the tree."""
     environment: tuple[tuple[str, Optional[str]], ...] = ()
     """(name, value) pairs that determine compiled output: library versions and the device (`environment`)."""
     plan_version: int = PLAN_VERSION
@@ -235,6 +251,15 @@ def _grown_tree_plan(cfg) -> Optional[GrownTreePlan]:
                          float(t.value_temperature), t.beam_width, t.beam_depth)
 
 
+def _tree_budget_plan(cfg) -> Optional[TreeBudgetPlan]:
+    t = cfg.tree
+    if t.budget is None:
+        return None
+    family = "chain" if t.policy.value == "chain" or cfg.drafter.kind is DrafterKind.prompt_lookup else "static"
+    return TreeBudgetPlan(family, t.max_nodes, str(resolve_path(t.calibration_prompts)), t.num_calibration_prompts,
+                          t.calibration_max_new_tokens)
+
+
 def _retrieval_plan(resolved: Resolved) -> Optional[RetrievalPlan]:
     r = resolved.cfg.retrieval
     if r.kind.value == "none":
@@ -257,7 +282,8 @@ def make_plan(resolved: Resolved) -> Plan:
     retrieval = _retrieval_plan(resolved)
     verify_nodes, score_nodes = retrieval_tree_sizes(cfg, topo)
     name = "-".join([cfg.target.name, d.name] + ([retrieval.kind] if retrieval else []) +
-                    [cfg.tree.policy.value if d.kind is not DrafterKind.none else "ar", cfg.backend.kind.value])
+                    [cfg.tree.policy.value if d.kind is not DrafterKind.none else "ar"] +
+                    (["auto"] if cfg.tree.budget is not None else []) + [cfg.backend.kind.value])
     return Plan(
         name=name,
         target=_model_plan(cfg.target.model, resolved.target_arch, cfg.target.model.arch.value),
@@ -287,5 +313,6 @@ def make_plan(resolved: Resolved) -> Plan:
         vocab_trim=_vocab_trim_plan(resolved),
         cpu_transforms=_cpu_transforms(resolved, resolved.device),
         retrieval=retrieval,
+        tree_budget=_tree_budget_plan(cfg),
         environment=environment(resolved.device_name),
     )

@@ -88,6 +88,12 @@ class TreePolicy(str, enum.Enum):
     """RSD-S: stochastic beam search without replacement over sequences (beam_width, beam_depth)."""
 
 
+class TreeBudget(str, enum.Enum):
+    auto = "auto"
+    """Measure acceptance on calibration prompts and the verify / draft latencies, then use the chain or static
+    tree of at most tree.max_nodes nodes with the most expected tokens/s (spec_compiler/budget.py)."""
+
+
 class ChildSampling(str, enum.Enum):
     topk = "topk"
     """Children are the drafter's top-b tokens (deterministic; δ proposal)."""
@@ -407,6 +413,10 @@ class DrafterConfig:
             raise ConfigError("drafter.prompt_lookup.num_pred_tokens", "must be >= 1", pl.num_pred_tokens)
 
 
+MAX_BUDGET_NODES = 64
+"""tree.max_nodes limit: the Sequoia search is O(n^4) Python steps (about 0.1 s at 16 nodes, 4 s at 32)."""
+
+
 @dataclass
 class TreeConfig:
     policy: TreePolicy = TreePolicy.chain
@@ -439,6 +449,18 @@ class TreeConfig:
     """policy=beam: beams kept per level (W), >= 1, at most the drafter's vocabulary."""
     beam_depth: int = 5
     """policy=beam: levels (D), >= 1; the tree has at most 1 + W * D nodes."""
+    budget: Optional[TreeBudget] = None
+    """null: the tree as given (k / branching); auto: chosen at compile (or load) time from measured acceptance
+    and latency, among chains (policy=chain, and prompt lookup) or chains, static branchings and Sequoia's
+    optimal trees (policy=static), of at most max_nodes nodes. Greedy decoding, model or prompt-lookup drafter."""
+    max_nodes: int = 16
+    """budget=auto: node budget of the chosen tree, the root included, in [2, 64] (the verify forward's size)."""
+    calibration_prompts: str = "data/prompts/calibration.jsonl"
+    """budget=auto: Spec-Bench question file whose first turns the target completes to measure acceptance."""
+    num_calibration_prompts: int = 16
+    """budget=auto: how many of them (0 = all)."""
+    calibration_max_new_tokens: int = 64
+    """budget=auto: greedy target tokens per calibration prompt (the positions acceptance is measured at)."""
 
     def __post_init__(self):
         if self.k < 0:
@@ -456,6 +478,13 @@ class TreeConfig:
         for i, b in enumerate(self.branching):
             if b < 1:
                 raise ConfigError(f"tree.branching[{i}]", "every level needs >= 1 child per node", b)
+        if not 2 <= self.max_nodes <= MAX_BUDGET_NODES:
+            raise ConfigError("tree.max_nodes", f"must be in [2, {MAX_BUDGET_NODES}] (the root and at least one "
+                              "draft node; the tree search grows fast with the budget)", self.max_nodes)
+        if self.num_calibration_prompts < 0:
+            raise ConfigError("tree.num_calibration_prompts", "must be >= 0 (0 = all)", self.num_calibration_prompts)
+        if self.calibration_max_new_tokens < 1:
+            raise ConfigError("tree.calibration_max_new_tokens", "must be >= 1", self.calibration_max_new_tokens)
 
 
 @dataclass

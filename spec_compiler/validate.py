@@ -119,6 +119,8 @@ GROWN = (TreePolicy.dynamic, TreePolicy.beam)
 def _topology(cfg: SpecConfig) -> TreeTopology:
     if cfg.drafter.kind is DrafterKind.none or cfg.tree.policy in GROWN:
         return TreeTopology.chain(0)  # grown trees: no static topology (see tree_slots)
+    if cfg.tree.budget is not None:  # the deepest candidate, of the budget's size, until the tree is chosen
+        return TreeTopology.chain(cfg.tree.max_nodes - 1)
     if cfg.tree.policy is TreePolicy.chain:
         return TreeTopology.chain(cfg.tree.k)
     return TreeTopology.static(cfg.tree.branching)
@@ -160,6 +162,44 @@ def _check_grown(cfg: SpecConfig, drafter_arch) -> None:
         raise ConfigError("tree.children", f"biased at temperature > 0: {t.policy.value} trees keep children by "
                           "their values, which i.i.d. duplicates break; use tree.children=wor (sampled without "
                           "replacement, exact with RRS-WOR) or topk", t.children.value)
+
+
+BUDGET_FIELDS = ("max_nodes", "calibration_prompts", "num_calibration_prompts", "calibration_max_new_tokens")
+
+
+def _check_budget(cfg: SpecConfig) -> None:
+    """tree.budget=auto chooses a chain or static tree from greedy acceptance measured with a model or
+    prompt-lookup drafter; anything else is refused with the safe alternative."""
+    t, d, defaults = cfg.tree, cfg.drafter, TreeConfig()
+    if t.budget is None:
+        changed = [f for f in BUDGET_FIELDS if getattr(t, f) != getattr(defaults, f)]
+        if changed:
+            _warn(f"tree.{changed[0]}", "no effect without tree.budget=auto (the tree is tree.k / tree.branching)")
+        return
+    off = "or tree.budget=null (the tree as given)"
+    if d.kind is DrafterKind.none:
+        raise ConfigError("tree.budget", f"sizes a draft tree; drafter=none drafts nothing: use drafter=default "
+                          f"(or model, prompt_lookup), {off}", t.budget.value)
+    if t.policy in GROWN:
+        raise ConfigError("tree.budget", f"chooses a static tree; tree.policy={t.policy.value} grows one per request "
+                          f"(its own budget: tree.num_nodes / beam_width): use tree=chain or tree=static with "
+                          f"tree.budget=auto, {off}", t.budget.value)
+    if cfg.retrieval.kind is not RetrievalKind.none:
+        raise ConfigError("tree.budget", "auto does not model retrieval nodes (their number varies per step): use "
+                          f"retrieval=none with tree.budget=auto, {off}", t.budget.value)
+    if cfg.sampling.temperature > 0:
+        raise ConfigError("tree.budget", "auto measures greedy acceptance (the drafter's top-k against the target's "
+                          "argmax); at temperature > 0 set the tree by hand (tree.k / tree.branching), or use "
+                          "sampling=greedy", t.budget.value)
+    if not resolve_path(t.calibration_prompts).is_file():
+        raise ConfigError("tree.calibration_prompts", f"calibration prompt file not found: "
+                          f"{resolve_path(t.calibration_prompts)}", t.calibration_prompts)
+    if t.k != defaults.k or list(t.branching) != defaults.branching:
+        _warn("tree.k" if t.k != defaults.k else "tree.branching", "no effect with tree.budget=auto (the tree is "
+              "chosen; tree.max_nodes bounds it)")
+    if d.kind is DrafterKind.prompt_lookup and t.policy is TreePolicy.static:
+        _warn("tree.policy", "static: with drafter=prompt_lookup tree.budget=auto chooses among chains (a lookup "
+              "trie's branches follow the matches, not a fixed shape)")
 
 
 def _child_kind(cfg: SpecConfig) -> ChildKind:
@@ -245,10 +285,11 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
 
     topo = _topology(cfg)
     tree_defaults = TreeConfig()
-    if d.kind is not DrafterKind.none and cfg.tree.policy is TreePolicy.chain \
+    if d.kind is not DrafterKind.none and cfg.tree.policy is TreePolicy.chain and cfg.tree.budget is None \
             and list(cfg.tree.branching) != tree_defaults.branching:
         _warn("tree.branching", "no effect with tree.policy=chain (use tree=static for a branching tree)")
-    if d.kind is not DrafterKind.none and cfg.tree.policy is TreePolicy.static and cfg.tree.k != tree_defaults.k:
+    if d.kind is not DrafterKind.none and cfg.tree.policy is TreePolicy.static and cfg.tree.budget is None \
+            and cfg.tree.k != tree_defaults.k:
         _warn("tree.k", "no effect with tree.policy=static (tree.branching sets the shape; tree=chain uses k)")
     if d.kind is DrafterKind.none and cfg.tree.policy in (TreePolicy.static,) + GROWN:
         _warn("tree", "no effect with drafter=none (" + ("plain autoregressive decoding)" if cfg.retrieval.kind is
@@ -256,6 +297,7 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
     if d.kind is DrafterKind.prompt_lookup and cfg.tree.children is not ChildSampling.topk:
         _warn("tree.children", "no effect with drafter=prompt_lookup (n-gram drafts are deterministic)")
     _check_grown(cfg, drafter_arch)
+    _check_budget(cfg)
     n_tree = tree_slots(cfg, topo)
     for arch, key in ((target_arch, "target"), (drafter_arch, "drafter")):
         if isinstance(arch, Mamba2Config) and n_tree > arch.chunk_size:
