@@ -258,6 +258,8 @@ def build(plan: Plan, cfg: CompileConfig, batch_sizes: list[int], directory: Pat
     manifest = {
         "plan": plan.to_dict(), "plan_hash": plan.plan_hash(), "name": plan.readable_name,
         "identity": identity(dev, checkpoints(plan)),
+        "budget": None if plan.tree_budget is None else {"tree_parents": list(rt.plan.tree_parents),
+                                                          "record": rt.tree_budget},
         "batch_sizes": list(batch_sizes), "roles": list(cfg.roles), "static_tree": static_tree,
         "backends": [b.value for b in cfg.backends], "phases": phases, "autotune": table,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_seconds": round(time.perf_counter() - t_start, 1),
@@ -344,10 +346,13 @@ def open_runtime(spec, plan: Plan, rows: int, command: str = ""):
     when missing)."""
     from runtime.compiled import attach
     from runtime.load import load
-    rt = load(plan, rows)
     if plan.backend != "compiled":
-        return rt
+        return load(plan, rows)
     directory, manifest, _ = ensure_artifact(plan, spec.compile, compile_batch_sizes(spec), command)
+    budget = manifest.get("budget")  # tree.budget=auto: the tree chosen at compile time (no calibration now)
+    rt = load(plan, rows, tree_parents=None if budget is None else budget["tree_parents"])
+    if budget is not None:
+        rt = dataclasses.replace(rt, tree_budget=budget["record"])
     rt = attach(rt, directory, manifest)
     print(rt.compiled.summary(), file=sys.stderr)
     return rt

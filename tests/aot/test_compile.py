@@ -177,3 +177,23 @@ def test_mamba2_target_compiled_equals_eager(tmp_path):
     assert phases["target-forward-tree-B1-T2-keepall-R1-F00"] == "aoti", phases
     assert outputs(compiled, n=2, max_new=12) == outputs(eager, n=2, max_new=12)
     assert compiled.compiled.stats.hits["target-forward-tree-B1-T2-keepall-R1-F00"] > 0
+
+
+def test_tree_budget_auto_is_chosen_at_compile_and_read_from_the_manifest(tmp_path, monkeypatch):
+    """tree.budget=auto: the compile step calibrates and records the chosen tree; a compiled run drafts that tree
+    without calibrating again. (compile.backends=[eager]: no program needed to test the plumbing.)"""
+    base = ["target=tiny_random", "drafter=noisy_copy", "tree=auto", "tree.max_nodes=4", "tree.num_calibration_prompts=2",
+            "tree.calibration_max_new_tokens=8", "target.max_seq_len=96", "compile.num_prompts=1",
+            "compile.max_new_tokens=6", "compile.repeats=1", "compile.backends=[eager]", f"compile.dir={tmp_path}"]
+    spec, plan, _ = main.prepare(compose_config(base + ["task=compile"]), in_run=False)
+    directory, manifest, what = ensure_artifact(plan, spec.compile, [1], progress=False)
+    budget = manifest["budget"]
+    assert what == "built" and budget["record"]["choice"] and budget["record"]["acceptance"]
+    parents = tuple(budget["tree_parents"])
+
+    def calibrating(*a, **k):
+        raise AssertionError("calibrated again at load")
+    monkeypatch.setattr("runtime.load.resolve_budget", calibrating)
+    spec, plan, _ = main.prepare(compose_config(base + ["backend=compiled"]), in_run=False)
+    rt = open_runtime(spec, plan, 1)
+    assert rt.plan.tree_parents == parents and rt.tree_budget == budget["record"]
