@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -155,13 +156,42 @@ def quantized_ops_gemm():
     return (lambda w, b: ops.linear_prepack_fp16(w, b)), ops.linear_dynamic_fp16
 
 
+@torch.library.custom_op("spec::fp16_weight_linear", mutates_args=())
+def fp16_weight_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """`Fp16WeightLinear`'s fast form as one opaque op, for traced programs (the compiled backend's phases):
+    fbgemm's fp16-weight GEMM of fp16-exact fp32 weights. The packed weight is kept per weight tensor (a
+    compiled program's weights are its own constants)."""
+    gemm = fp16_weight_gemm()
+    key = (weight.data_ptr(), tuple(weight.shape), None if bias is None else bias.data_ptr())
+    packed = _OP_PACKED.get(key)
+    if packed is None:
+        packed = _OP_PACKED[key] = gemm[0](weight.detach(), None if bias is None else bias.detach())
+    out = gemm[1](x.reshape(-1, x.shape[-1]).contiguous(), packed)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+@fp16_weight_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+_OP_PACKED: dict = {}
+
+
 class Fp16WeightLinear(nn.Linear):
     """nn.Linear whose CPU fp32 inference runs `fp16_weight_gemm` while its weight and bias are fp16-exact.
     Anything else -- autograd, other dtypes and devices, a weight changed after load so that fp16 no longer
-    holds it -- is F.linear. The packed copy is rebuilt whenever the weight changes."""
+    holds it -- is F.linear. The packed copy is rebuilt whenever the weight changes. Traced for a compiled
+    phase after eager found the weight fp16-exact, it is the opaque `spec::fp16_weight_linear` op (Inductor's
+    own GEMM reads twice the bytes and is slower for these few-row products)."""
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [..., in] -> [..., out]
+        if torch.compiler.is_compiling():
+            hit = self.__dict__.get("_packed_w")  # set by an eager call (phase discovery runs eager first)
+            if hit is not None and hit[1] is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+                return fp16_weight_linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, self.bias)
         packed = self._packed() if fast_inference(x) else None
         if packed is None:
             return F.linear(x, self.weight, self.bias)
