@@ -64,16 +64,17 @@ def settings(args) -> dict:
 
 
 def machine() -> dict:
-    import triton  # noqa: F401  (version only)
     out = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
            "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "command": " ".join([Path(sys.executable).name] + sys.argv),
            "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    for name in ("triton", "transformers", "mamba_ssm"):
+    from importlib import metadata
+    for key, dist in (("triton", "triton"), ("transformers", "transformers"), ("mamba_ssm", "mamba-ssm"),
+                      ("hydra", "hydra-core")):
         try:
-            out[name] = __import__(name).__version__
-        except Exception as e:  # noqa: BLE001  (record why, never fail on a version)
-            out[name] = f"unavailable ({type(e).__name__})"
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[key] = "not installed"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         out.update(gpu=torch.cuda.get_device_name(0), capability=f"sm{p.major}{p.minor}",
@@ -234,8 +235,8 @@ def part_pair(s: dict) -> dict:
         row = {"dtype": plan.target.dtype}
         for name, r in (("eager", rt), ("graph", graph_runtime(rt))):
             a = graph_runtime(ar_rt) if name == "graph" else ar_rt
-            run_requests(a, ids[:1], 4)  # warm-up (and graph capture)
-            run_requests(r, ids[:1], 4)
+            run_requests(a, ids[:1], 16)  # warm-up (and the graph captures of most buckets)
+            run_requests(r, ids[:1], 16)
             sync(s["device"])
             ar, sp = run_requests(a, ids, s["max_new"]), run_requests(r, ids, s["max_new"])
             row[name] = {"ar_tok_s": ar["tok_s"], "spec_tok_s": sp["tok_s"], "tau": sp["tau"],
