@@ -7,7 +7,7 @@
 # 1. installs the carried wheels the image lacks (or has older) into a temporary site on PYTHONPATH, with
 #    a stub `selective_scan_cuda` module (mamba-ssm is built without its CUDA extension; `import mamba_ssm`
 #    imports it, its Triton kernels do not need it);
-# 2. runs every `-m gpu` test (python3 -m pytest tests -m gpu);
+# 2. runs every `-m gpu` test (python3 -m pytest tests -m gpu: tests/gpu first, then the rest);
 # 3. runs benchmarks/gpu_bench.py part by part (1.1 B Llama AR step vs floor and verify latency per tree,
 #    the default pair's speculative vs own AR, transformers generate / assisted generation), each part in its
 #    own process under its own timeout, each writing its JSON as soon as it is done; then the report
@@ -85,8 +85,12 @@ nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version,clocks.sm,cl
 # ---- 2. the -m gpu tests -------------------------------------------------------------------------------
 PER_TEST=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 90)  # one stuck test must not eat the run
-part tests 190 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -n 0 -rfEs "${PER_TEST[@]}" \
-  --continue-on-collection-errors
+PARALLEL=()
+"$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)  # Triton compiles on the CPU cores in parallel
+# tests/gpu first (the CUDA-graph and replay checks of this issue), then every other -m gpu test
+part tests_gpu 100 "$PY" -m pytest tests/gpu -m gpu -q -p no:cacheprovider -n 0 -rfEs "${PER_TEST[@]}"
+part tests_rest 110 "$PY" -m pytest tests -m gpu --ignore=tests/gpu -q -p no:cacheprovider -rfEs \
+  "${PARALLEL[@]}" "${PER_TEST[@]}" --continue-on-collection-errors
 
 # ---- 3. the benchmark, one part per process --------------------------------------------------------------
 # GPU_CHECK_BENCH_ARGS: extra arguments, e.g. --tiny for a dry run of this script on a CPU

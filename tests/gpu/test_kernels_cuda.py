@@ -171,7 +171,7 @@ def test_mamba_chunk_scan_equals_ssd_chunked_scan(T, init):
     with torch.no_grad():
         y_ref, final_ref = ssd_chunked_scan(x.double(), dt.double(), A.double(), B.double(), C.double(), chunk,
                                             D=D.double(), init_state=None if S0 is None else S0.double())
-    err = ((y.double() - y_ref).norm() / y_ref.norm()).item()
-    print(f"T={T}: rel err y {err:.2e}, state {((final.double() - final_ref).norm() / final_ref.norm()).item():.2e}")
-    torch.testing.assert_close(y.double(), y_ref, atol=2e-2, rtol=2e-2)  # mamba-ssm's dots run in tf32
-    torch.testing.assert_close(final.double(), final_ref, atol=2e-2, rtol=2e-2)
+    err_y = ((y.double() - y_ref).norm() / y_ref.norm()).item()
+    err_s = ((final.double() - final_ref).norm() / final_ref.norm()).item()
+    print(f"T={T}: rel err y {err_y:.2e}, final state {err_s:.2e}")
+    assert err_y < 5e-3 and err_s < 5e-3, (err_y, err_s)  # mamba-ssm's dots run in tf32 (METHOD.md: ~3e-4)
