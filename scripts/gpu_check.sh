@@ -88,7 +88,7 @@ PER_TEST=()
 PARALLEL=()
 "$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)  # Triton compiles on the CPU cores in parallel
 # tests/gpu first (the CUDA-graph and replay checks of this issue), then every other -m gpu test
-part tests_gpu 100 "$PY" -m pytest tests/gpu -m gpu -q -p no:cacheprovider -n 0 -rfEs "${PER_TEST[@]}"
+part tests_gpu 100 "$PY" -m pytest tests/gpu -m gpu -q -p no:cacheprovider -rfEs "${PER_TEST[@]}"
 part tests_rest 110 "$PY" -m pytest tests -m gpu --ignore=tests/gpu -q -p no:cacheprovider -rfEs \
   "${PARALLEL[@]}" "${PER_TEST[@]}" --continue-on-collection-errors
 
