@@ -1,0 +1,183 @@
+"""CUDA graphs for the step's model forwards: capture each static-shape phase once, replay it after.
+
+With `kv_window=full` every forward of a (B, T) bucket has the same shapes whatever the lengths: the
+attention window is the whole cache capacity, the cache tensors never move, and what changes per step
+(tokens, positions, slots, mask) is data. `GraphedForward` wraps a model with the target's call contract
+(`model(input_ids, position_ids, cache, block, num_logits)`, `.hidden(..., num_rows)`, `.logits`) and
+routes each call: the first call of a bucket captures a `torch.cuda.CUDAGraph` of the forward over static
+input buffers (the call's tensors and its `Block`'s tensors copied in), later calls copy their tensors
+into those buffers and replay. Anything else runs eager: a `live` window (S changes every step), an int
+block, a prefill (`num_rows=0`; its T follows the prompt), more than `max_tokens` tokens, an SSM cache
+(a Mamba2 forward with `advance=True` commits state, so the warm-up runs that precede a capture are not
+idempotent), a device the capture backend does not serve. The keying mirrors mamba-ssm's
+`DecodingCGCache` (one graph per (batch, decoding length)).
+
+A captured block attends through its mask and writes K/V by slot index (`start=None`, `mask_full=False`):
+the same values an eager forward writes by slice, and the same mask semantics (a full window's mask is
+all True). Warm-up forwards before a capture run the call itself (they write the same K/V at the same
+slots), so capturing on first use changes no result. Outputs are returned as fresh tensors (a clone of
+the graph's static output), so a caller may keep them across later replays.
+
+Host synchronisations in the eager step today (runtime/decode.py, runtime/drafters.py; documented here,
+not changed). Each blocks the host until the device queue drains, so every one of them costs a full
+launch-latency round trip on a GPU:
+- `Engine.step`: `torch.tensor(lengths)` and `Block.tree(..., device=cuda)` copy host tensors to the
+  device (`.to(device)` of pageable memory: a synchronising copy), several per step; `tree.tokens.to(device)`;
+  `self.target(*args).cpu()` (the verify logits to the host for `runtime.sampling.accept`, which walks the
+  tree on the host: `.tolist()`); `KVCache.commit` builds its index tensors on the host and copies them.
+- `ModelDrafter.propose`: per drafted level `torch.topk(logits).indices.cpu()` (deterministic children)
+  or `_probs(...).cpu()` (sampled children), plus one Block host-to-device build per level;
+  `_catch_up` copies its Block and tokens to the device.
+So a depth-d step synchronises about 2d + 4 times. The goal (issue #11) is at most one: draft levels,
+verify and `codegen.fused_accept` on the device, one small `packed` result read by the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from runtime import batch as fwd
+from runtime.models.llama import KVCache
+
+# Block fields a captured forward replaces by constants: K/V go by slot index, the mask is always read.
+_OVERRIDDEN = {"start": None, "mask_full": False}
+
+
+class CudaGraphs:
+    """Capture backend: warm-up runs on a side stream, then `torch.cuda.graph` capture into one shared pool.
+
+    One pool for every graph is safe here because replays run one at a time on one stream and each
+    replay's output is cloned before the next (a later graph may reuse an earlier one's intermediates)."""
+
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+        self.pool = None
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def capture(self, fn: Callable[[], Tensor]):
+        """-> (graph with `.replay()`, the static output tensor that replays overwrite)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # Triton autotuning and cuBLAS handle creation happen here, not in capture
+            for _ in range(self.warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        return graph, out
+
+
+@dataclasses.dataclass
+class _Entry:
+    graph: object
+    inputs: list[Tensor]
+    """Static buffers, in `_tensors(...)` order: input_ids, position_ids, then the Block's tensor fields."""
+    out: Tensor
+    view: object
+    """The cache view the graph reads and writes (kept alive with it)."""
+
+
+def _block_tensors(block: fwd.Block) -> list[tuple[str, Tensor]]:
+    return [(f.name, getattr(block, f.name)) for f in dataclasses.fields(block)
+            if isinstance(getattr(block, f.name), Tensor)]
+
+
+class GraphedForward:
+    """A model whose static-shape forwards replay from CUDA graphs (see the module docstring).
+
+    graphs: the capture backend (default `CudaGraphs()`; tests inject one that runs on the CPU);
+    max_tokens: the largest T captured (the largest tree bucket); max_graphs: captures beyond this run eager.
+    `stats` counts captures, replays and eager calls."""
+
+    def __init__(self, model, graphs=None, max_tokens: int = 128, max_graphs: int = 64):
+        self.model = model
+        self.graphs = graphs if graphs is not None else CudaGraphs()
+        self.max_tokens, self.max_graphs = max_tokens, max_graphs
+        self.entries: dict[tuple, _Entry] = {}
+        self.stats = {"captures": 0, "replays": 0, "eager": 0}
+
+    def __getattr__(self, name):  # config, parameters(), new_cache, ...: the wrapped model's
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids: Tensor, position_ids: Tensor, cache=None, block=None,
+                 num_logits: Optional[int] = None) -> Tensor:
+        return self._run("logits", input_ids, position_ids, cache, block, num_logits)
+
+    def hidden(self, input_ids: Tensor, position_ids: Tensor, cache=None, block=None,
+               num_rows: Optional[int] = None) -> Tensor:
+        return self._run("hidden", input_ids, position_ids, cache, block, num_rows)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self.model.logits(h)
+
+    # ---- routing -------------------------------------------------------------------------------------
+    def key(self, phase: str, input_ids: Tensor, position_ids: Tensor, cache, block, num) -> Optional[tuple]:
+        """The bucket of a call, or None when it must run eager."""
+        if not isinstance(cache, KVCache) or not isinstance(block, fwd.Block):
+            return None
+        B, T = input_ids.shape
+        if num == 0 or T > self.max_tokens or block.S != cache.capacity:
+            return None
+        if not self.graphs.supports(input_ids.device) or cache.k.device != input_ids.device:
+            return None
+        fields = tuple((name, tuple(t.shape), t.dtype) for name, t in _block_tensors(block))
+        flags = tuple((f.name, getattr(block, f.name)) for f in dataclasses.fields(block)
+                      if not isinstance(getattr(block, f.name), Tensor) and f.name not in _OVERRIDDEN)
+        return (phase, B, T, num, input_ids.dtype, position_ids.dtype, fields, flags,
+                cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape), cache.k.stride())
+
+    @torch.inference_mode()
+    def _run(self, phase: str, input_ids, position_ids, cache, block, num) -> Tensor:
+        fn = self.model if phase == "logits" else self.model.hidden
+        key = self.key(phase, input_ids, position_ids, cache, block, num)
+        if key is None or (key not in self.entries and len(self.entries) >= self.max_graphs):
+            self.stats["eager"] += 1
+            return fn(input_ids, position_ids, cache, block, num)
+        tensors = [input_ids, position_ids] + [t for _, t in _block_tensors(block)]
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = self._capture(fn, tensors, cache, block, num)
+            self.stats["captures"] += 1
+        else:
+            for buf, t in zip(entry.inputs, tensors):
+                buf.copy_(t, non_blocking=True)
+        entry.graph.replay()
+        self.stats["replays"] += 1
+        return entry.out.clone()
+
+    def _capture(self, fn, tensors: list[Tensor], cache, block: fwd.Block, num) -> _Entry:
+        dev = tensors[0].device
+        inputs = [torch.empty(t.shape, dtype=t.dtype, device=dev).copy_(t) for t in tensors]
+        names = [name for name, _ in _block_tensors(block)]
+        static = dataclasses.replace(block, **dict(zip(names, inputs[2:])), **_OVERRIDDEN)
+        graph, out = self.graphs.capture(lambda: fn(inputs[0], inputs[1], cache, static, num))
+        return _Entry(graph, inputs, out, cache)
+
+
+def graph_runtime(rt, **kw):
+    """`rt` (runtime.load.Runtime) with its target, and its model drafter's model, replayed from CUDA graphs.
+    The drafter is a shallow copy (same cache and state) so `rt` itself stays eager. Needs a plan with
+    `backend.kv_window=full`; with `live` every call falls back to eager."""
+    import copy
+
+    drafter = rt.drafter
+    inner = getattr(drafter, "model", None)
+    if hasattr(inner, "propose"):  # FusedDrafter: the model drafter inside it
+        inner_copy = copy.copy(inner)
+        inner_copy.model = GraphedForward(inner.model, **kw)
+        drafter = copy.copy(drafter)
+        drafter.model = inner_copy
+    elif isinstance(inner, torch.nn.Module):
+        drafter = copy.copy(drafter)
+        drafter.model = GraphedForward(inner, **kw)
+    return dataclasses.replace(rt, target=GraphedForward(rt.target, **kw), drafter=drafter)
