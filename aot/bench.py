@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=16, help="local-suite prompts")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/cpu/compiled_bench")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
 
     import main as entry
     from aot.build import open_runtime

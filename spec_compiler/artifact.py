@@ -79,9 +79,24 @@ def cpu_identity() -> dict:
     return {"kind": "cpu", "arch": platform.machine(), "name": model, "isa": sorted(f for f in ISA_FLAGS if f in flags)}
 
 
+CODE = ("runtime/models", "runtime/phases.py", "runtime/transforms.py", "runtime/batch.py", "codegen", "aot")
+"""This project's sources that a compiled program is traced from (models, phases, kernels, the compiler)."""
+
+
+def code_digest(root: Path = Path(__file__).resolve().parent.parent) -> str:
+    """sha256 over the CODE sources: a program traced from older model code is stale like an older torch's."""
+    h = hashlib.sha256()
+    for entry in CODE:
+        p = root / entry
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def library_versions() -> dict[str, Optional[str]]:
-    """Installed versions (read without importing), and Python's."""
-    out = {"python": ".".join(map(str, sys.version_info[:3])), "artifact_version": str(ARTIFACT_VERSION)}
+    """Installed versions (read without importing), Python's, and this project's traced code (`code_digest`)."""
+    out = {"python": ".".join(map(str, sys.version_info[:3])), "artifact_version": str(ARTIFACT_VERSION),
+           "spec_compiler_code": code_digest()}
     for lib in LIBRARIES:
         try:
             out[lib] = importlib.metadata.version(lib.replace("_", "-"))

@@ -17,6 +17,7 @@ import main
 from tests.conftest import ROOT
 
 SMALL = ["task.max_new_tokens=4", "task.num_prompts=1", "task.repeats=1", "task.warmup=0"]
+COMPILE_SMALL = ["compile.backends=[eager]", "compile.num_prompts=1", "compile.max_new_tokens=4", "compile.repeats=1"]
 NUMBER = itertools.count()
 TINY_TRAIN = {"default": "tiny", "mamba2": "tiny_mamba2", "hybrid": "tiny_hybrid"}
 
@@ -64,6 +65,8 @@ def small_argv(argv: list[str], dirs: dict) -> list[str]:
             "train.drafter_steps=2", "train.eval_every=2", "train.checkpoint_every=2"]
     else:
         out += SMALL
+    if "task=compile" in argv or "backend=compiled" in argv:  # the plumbing; AOTInductor itself: tests/aot
+        out += COMPILE_SMALL + [f"compile.dir={root / 'artifacts'}"]
     if "-m" in argv and not any(a.startswith("hydra.sweep.dir=") for a in argv):
         dirs["sweep"] = root / f"sweep{n}"
         out += [f"hydra.sweep.dir={dirs['sweep']}"]
@@ -96,6 +99,12 @@ def test_readme_command_runs(command, dirs, capsys, monkeypatch, tmp_path):
         ps.main()
         rows = [json.loads(line) for line in (tmp_path / "suite.jsonl").read_text().splitlines()]
         assert rows and {"question_id", "category", "turns"} <= set(rows[0])
+        return
+    if argv[:3] == ["python", "-m", "aot.bench"]:
+        import aot.bench
+        assert aot.bench.main(argv[3:] + COMPILE_SMALL + [f"compile.dir={dirs['root'] / 'artifacts'}", "--prompts=1",
+                                                          "--max-new-tokens=4", f"--out={tmp_path / 'bench'}"]) == 0
+        assert json.loads((tmp_path / "bench.json").read_text())["outputs_equal"] == "1/1"
         return
     assert argv[:2] == ["python", "main.py"], f"a README command this test does not know how to run: {command}"
     args = small_argv(argv[2:], dirs)
