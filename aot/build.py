@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from runtime.compiled import drafter_module as drafter_model, load_program
 from runtime.device import identity_device
-from runtime.phases import BLOCK_INPUTS, Phase, PhaseKey, cache_kind, clone_strided, intercept
+from runtime.phases import (BLOCK_INPUTS, AcceptPhase, Phase, PhaseKey, accept_key, cache_kind, clone_strided,
+                            intercept)
 from spec_compiler.artifact import (ArtifactError, artifact_dir, check, identity, read_manifest, verify_files,
                                     write_manifest)
 from spec_compiler.errors import ConfigError
@@ -102,6 +103,40 @@ def discover(rt, roles: list[str], batch_sizes: list[int], prompts: list[list[in
     return examples, calls
 
 
+def acceptance_examples(examples: dict[PhaseKey, Example]) -> dict[PhaseKey, Example]:
+    """Greedy acceptance phases, one per target verify example (its logits and tree): inputs (logits,
+    parents, tokens), output the packed walk (`runtime.phases.AcceptPhase`)."""
+    from codegen.fused_accept import fused_accept_ref
+    out = {}
+    for key, ex in examples.items():
+        if key.role != "target" or key.method != "forward" or key.advance or ex.output.shape[1] < 2:
+            continue
+        tokens, parent_slots, lengths = ex.inputs[0], ex.inputs[3], ex.inputs[5]
+        parents = torch.where(parent_slots >= lengths[:, None], parent_slots - lengths[:, None],
+                              torch.full_like(parent_slots, -1))
+        logits = ex.output
+        k = accept_key(*tokens.shape)
+        out[k] = Example(k, [logits, parents.contiguous(), tokens.contiguous()], "accept", 0,
+                         fused_accept_ref(logits, parents, tokens, tokens.shape[1] - 1).packed)
+    return out
+
+
+def eager_acceptance(ex: Example):
+    """The engine's own greedy acceptance (runtime.sampling.accept_greedy) over the example's trees."""
+    from runtime.batch import TreeBatch
+    from runtime.sampling import accept_greedy
+    from spec_compiler.tree import Provenance, TreeTopology
+    logits, parents, tokens = ex.inputs
+    topos, toks, provs = [], [], []
+    for par, tok in zip(parents.tolist(), tokens.tolist()):
+        n = 1 + sum(p >= 0 for p in par)
+        topos.append(TreeTopology(tuple(par[:n])))
+        toks.append(tok[:n])
+        provs.append([Provenance.root] + [Provenance.topk] * (n - 1))
+    tree = TreeBatch.build(topos, toks, provs, tokens.shape[1])
+    return lambda logits, parents, tokens: accept_greedy(tree, logits)
+
+
 # ---- 2. export -----------------------------------------------------------------------------------------
 def dynamic_shapes(key: PhaseKey, num_cache: int, live_window: bool, capacity: int) -> tuple:
     """torch.export's dynamic_shapes for a phase's inputs: T dynamic unless the key fixes it, S under a live
@@ -117,6 +152,9 @@ def dynamic_shapes(key: PhaseKey, num_cache: int, live_window: bool, capacity: i
 
 def export_phase(model: torch.nn.Module, ex: Example, live_window: bool):
     """torch.export of `model` at `ex`'s phase -> ExportedProgram."""
+    if ex.kind == "accept":
+        with torch.no_grad():
+            return torch.export.export(AcceptPhase(), tuple(ex.inputs), strict=False)
     phase = Phase(model, ex.key, ex.kind, ex.capacity).eval()
     inputs = tuple(clone_strided(t) for t in ex.inputs)
     shapes = dynamic_shapes(ex.key, len(inputs) - len(BLOCK_INPUTS), live_window, ex.capacity)
@@ -202,16 +240,21 @@ def build(plan: Plan, cfg: CompileConfig, batch_sizes: list[int], directory: Pat
     live = plan.kv_window == "live"
     prompts = calibration_prompts(cfg, rt.tokenizer, plan.max_seq_len)
     examples, calls = discover(rt, list(cfg.roles), batch_sizes, prompts, cfg.max_new_tokens, static_tree)
+    if plan.greedy and "target" in cfg.roles:
+        accepts = acceptance_examples(examples)
+        examples.update(accepts)
+        calls.update({k: 0 for k in accepts})  # (not counted: one per verify call of that shape)
     backends = [b.value for b in cfg.backends if b.value != "eager"]
-    models = {"target": rt.target, "drafter": drafter_model(rt.drafter)}
+    models = {"target": rt.target, "drafter": drafter_model(rt.drafter), "acceptance": None}
     phases, table = [], []
     bar = tqdm(total=len(examples) * (1 + len(backends)), desc=f"compile {plan.readable_name}", unit="step",
                disable=not progress, file=sys.stderr)
     for key, ex in sorted(examples.items(), key=lambda kv: kv[0].name):
         model = models[key.role]
         row = {"phase": key.name, "key": key.to_dict(), "calls": calls[key],
-               "example": {"T": int(ex.inputs[0].shape[1]), "S": int(ex.inputs[4].shape[-1])}, "backends": {}}
-        ref = eager_call(model, ex)
+               "example": {"T": int(ex.inputs[0].shape[1]),
+                           "S": int(ex.inputs[4].shape[-1]) if ex.kind != "accept" else 0}, "backends": {}}
+        ref = eager_acceptance(ex) if ex.kind == "accept" else eager_call(model, ex)
         row["backends"]["eager"] = {"seconds": time_call(ref, [clone_strided(t) for t in ex.inputs], cfg.repeats)}
         bar.update(1)
         try:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from runtime.phases import BLOCK_INPUTS, PhaseKey, intercept
+from runtime.phases import BLOCK_INPUTS, PhaseKey, accept_key, intercept, unpack_accept
 
 
 def load_program(backend: str, path: Path) -> Callable:
@@ -55,6 +55,8 @@ class Program:
             return False
         if any(str(t.dtype) != d for t, d in zip(inputs, self.dtypes)):
             return False
+        if self.key.role == "acceptance":
+            return True
         T, S = inputs[0].shape[1], inputs[4].shape[-1]
         if self.live_window:
             return 2 <= S < self.capacity and T < self.capacity
@@ -109,6 +111,15 @@ class Compiled:
     manifest: dict
     stats: CompiledStats
     programs: dict[str, dict[PhaseKey, Program]]
+
+    def acceptor(self, tree, logits):
+        """Greedy acceptance by the artifact's acceptance program for this (B, T), or None (eager's)."""
+        key = accept_key(tree.B, tree.T)
+        prog = self.programs.get("acceptance", {}).get(key)
+        if prog is None:
+            return None
+        self.stats.hits[key.name] += 1
+        return unpack_accept(prog.run(logits.contiguous(), tree.parents.contiguous(), tree.tokens.contiguous()))
 
     def summary(self) -> str:
         chosen = Counter(p["backend"] for p in self.manifest["phases"])

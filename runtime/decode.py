@@ -107,7 +107,8 @@ class Request:
 class Engine:
     def __init__(self, target, cache, drafter, *, max_seq_len: int, eos_ids: Sequence[int] = (),
                  kv_window: str = "live", prefill_chunk: int = 0, verify_head: str = "full",
-                 on_step: Optional[Callable[[StepState], None]] = None, record_shapes: bool = False):
+                 on_step: Optional[Callable[[StepState], None]] = None, record_shapes: bool = False,
+                 acceptor: Optional[Callable] = None):
         """cache: the target's cache with `cache.rows` rows (the most requests decoded together);
         prefill_chunk: prompt tokens per prefill forward (0 = the whole prompt in one); verify_head: "full" runs
         the LM head over every tree node of the verify forward, "path" only over the nodes the acceptance
@@ -116,6 +117,9 @@ class Engine:
         assert kv_window in ("live", "full"), kv_window
         assert verify_head in ("full", "path"), verify_head
         self.verify_head = verify_head
+        self.acceptor = acceptor
+        """backend=compiled: acceptor(tree, logits) -> (paths, next tokens) or None, for all-greedy batches whose
+        logits are a tensor (runtime/compiled.py); None (or a None answer): runtime.sampling.accept."""
         self.target, self.cache, self.drafter = target, cache, drafter
         self.max_seq_len, self.eos = max_seq_len, frozenset(eos_ids)
         self.kv_window, self.prefill_chunk, self.on_step = kv_window, prefill_chunk, on_step
@@ -229,7 +233,11 @@ class Engine:
             logits = NodeLogits(self.target.hidden(*args), self.target.logits)
         else:
             logits = self.target(*args).cpu()
-        paths, nxt = accept(tree, logits, [r.sampling for r in rows], [r.verify_gen for r in rows])
+        fast = None
+        if self.acceptor is not None and isinstance(logits, torch.Tensor) and all(r.sampling.greedy for r in rows):
+            fast = self.acceptor(tree, logits)
+        paths, nxt = fast if fast is not None else accept(tree, logits, [r.sampling for r in rows],
+                                                           [r.verify_gen for r in rows])
         t2 = time.perf_counter()
         self.cache.commit(lengths, paths)
         done = []

@@ -79,7 +79,8 @@ class Runtime:
 
     def engine(self, on_step: Optional[Callable[[StepState], None]] = None) -> Engine:
         return Engine(self.target, self.cache, self.drafter, max_seq_len=self.plan.max_seq_len, eos_ids=self.eos_ids,
-                      kv_window=self.plan.kv_window, verify_head=self.plan.verify_head, on_step=on_step)
+                      kv_window=self.plan.kv_window, verify_head=self.plan.verify_head, on_step=on_step,
+                      acceptor=None if self.compiled is None else self.compiled.acceptor)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0,
                  on_step: Optional[Callable[[StepState], None]] = None) -> DecodeResult:

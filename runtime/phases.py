@@ -134,6 +134,27 @@ class Phase(nn.Module):
         return self.model(input_ids, positions, view, block, num_logits=self.key.keep)
 
 
+class AcceptPhase(nn.Module):
+    """Greedy acceptance of a verified batch as a tensors-only program: (logits [B, T, V], parents [B, T],
+    tokens [B, T]) -> packed [B, T + 2] (`codegen.fused_accept.FusedAcceptResult`: path node ids padded with
+    -1, path length, next token), one opaque `spec::fused_accept` node (the Triton kernel on CUDA)."""
+
+    def forward(self, logits, parents, tokens):
+        from codegen import ops  # noqa: F401  (registers torch.ops.spec)
+        return torch.ops.spec.fused_accept(logits, parents, tokens, logits.shape[1] - 1, None)
+
+
+def accept_key(B: int, T: int) -> PhaseKey:
+    return PhaseKey("acceptance", "greedy", False, B, T, None, 1)
+
+
+def unpack_accept(packed: Tensor) -> tuple[list[list[int]], list[int]]:
+    """AcceptPhase's packed result -> (accepted path per row, next token per row), as `accept_greedy` gives."""
+    rows = packed.tolist()
+    D = packed.shape[1] - 3
+    return [r[:r[D + 1]] for r in rows], [r[D + 2] for r in rows]
+
+
 def intercept(model: nn.Module, role: str, on_call) -> Callable[[], None]:
     """Route `model.hidden` and `model(...)` (its forward) through `on_call(key, run, inputs, out_rows)` where
     key is the call's PhaseKey (T given), run() the model's own method and inputs the phase inputs; calls no

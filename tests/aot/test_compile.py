@@ -56,6 +56,7 @@ def test_manifest_records_plan_identity_phases_and_autotune(setup):
     names = {p["phase"] for p in m["phases"]}
     assert "target-forward-tree-B1-Tdyn-keepall-R1" in names and "target-forward-tree-B4-Tdyn-keepall-R4" in names
     assert {"target-hidden-causal-B1-Tdyn-keep0-R1", "target-hidden-causal-B1-Tdyn-keep0-R4"} <= names  # prefill
+    assert {"acceptance-greedy-tree-B1-T3-keepall-R1", "acceptance-greedy-tree-B4-T3-keepall-R1"} <= names
     for row in m["autotune"]:  # every phase timed under eager and AOTInductor, the faster chosen
         assert set(row["backends"]) == {"eager", "aoti"} and row["chosen"] == "aoti"  # eager: timed, not listed
         assert row["backends"]["eager"]["seconds"] > 0 and row["backends"]["aoti"]["seconds"] > 0
@@ -73,6 +74,7 @@ def test_compiled_greedy_equals_eager(setup, rows):
     stats = compiled.compiled.stats
     assert stats.hits[f"target-forward-tree-B{rows}-Tdyn-keepall-R{rows}"] > 0
     assert stats.hits[f"target-hidden-causal-B1-Tdyn-keep0-R{rows}"] == len(PROMPTS)  # every prompt's prefill
+    assert stats.hits[f"acceptance-greedy-tree-B{rows}-T3-keepall-R1"] > 0  # the exported greedy acceptance
 
 
 def test_compiled_sampling_equals_eager_for_the_same_seed(setup):
