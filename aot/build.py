@@ -82,7 +82,7 @@ def discover(rt, roles: list[str], batch_sizes: list[int], prompts: list[list[in
             if model is None:
                 continue
 
-            def on_call(key, run, inputs, cache):
+            def on_call(key, run, inputs, cache, call):
                 before = [t.clone() for t in inputs[:len(BLOCK_INPUTS)]] + \
                     [clone_strided(t) for t in inputs[len(BLOCK_INPUTS):]]
                 out = run()

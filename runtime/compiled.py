@@ -91,12 +91,24 @@ def load_programs(directory: Path, manifest: dict) -> dict[str, dict[PhaseKey, P
     return out
 
 
-def install(model: torch.nn.Module, role: str, programs: dict[PhaseKey, Program], stats: CompiledStats):
-    """Dispatch `model`'s phase calls to `programs` (see the module docstring); returns the remover."""
-    def on_call(key: PhaseKey, run, inputs, cache):
+def install(model: torch.nn.Module, role: str, programs: dict[PhaseKey, Program], stats: CompiledStats,
+            graphs=None):
+    """Dispatch `model`'s phase calls to `programs` (see the module docstring); returns the remover. graphs:
+    a capture backend (runtime.cuda_graphs.CudaGraphs) for the calls no program takes: they replay CUDA graphs
+    of the eager forward per bucket (kv_window=full), else run eager."""
+    graphed = None
+    if graphs is not None:
+        from runtime.cuda_graphs import GraphedForward
+        graphed = GraphedForward(None, graphs=graphs)
+
+    def on_call(key: PhaseKey, run, inputs, cache, call):
         prog = programs.get(key) or programs.get(key.dynamic())
         if prog is None or not prog.accepts(inputs):
             stats.misses[key.name] += 1
+            if graphed is not None:
+                method, *args = call
+                graphed.model = model.unintercepted
+                return graphed._run("logits" if method == "forward" else "hidden", *args)
             return run()
         stats.hits[prog.key.name] += 1
         return prog.run(*inputs)
@@ -127,15 +139,20 @@ class Compiled:
                 + f"; {self.stats.summary()}")
 
 
-def attach(rt, directory: Path, manifest: dict):
+def attach(rt, directory: Path, manifest: dict, graphs=None):
     """`rt` (runtime.load.Runtime) running from the artifact: its target and drafter model dispatch to the
-    artifact's programs (the models are shared by `with_batch_size` / `with_drafter` copies)."""
+    artifact's programs (the models are shared by `with_batch_size` / `with_drafter` copies). On CUDA with
+    kv_window=full, calls no program takes replay CUDA graphs (`graphs`: the capture backend, default
+    runtime.cuda_graphs.CudaGraphs there; tests pass a CPU stand-in)."""
     programs = load_programs(directory, manifest)
     stats = CompiledStats()
+    if graphs is None and rt.plan.device == "cuda" and rt.plan.kv_window == "full":
+        from runtime.cuda_graphs import CudaGraphs
+        graphs = CudaGraphs()
     models = {"target": rt.target, "drafter": drafter_module(rt.drafter)}
-    for role, progs in programs.items():
-        if models.get(role) is not None:
-            install(models[role], role, progs, stats)
+    for role, model in models.items():
+        if model is not None and (programs.get(role) or graphs is not None):
+            install(model, role, programs.get(role, {}), stats, graphs)
     return dataclasses.replace(rt, compiled=Compiled(Path(directory), manifest, stats, programs))
 
 

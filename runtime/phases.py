@@ -156,8 +156,9 @@ def unpack_accept(packed: Tensor) -> tuple[list[list[int]], list[int]]:
 
 
 def intercept(model: nn.Module, role: str, on_call) -> Callable[[], None]:
-    """Route `model.hidden` and `model(...)` (its forward) through `on_call(key, run, inputs, out_rows)` where
-    key is the call's PhaseKey (T given), run() the model's own method and inputs the phase inputs; calls no
+    """Route `model.hidden` and `model(...)` (its forward) through `on_call(key, run, inputs, cache, call)` where
+    key is the call's PhaseKey (T given), run() the model's own method, inputs the phase inputs and call the
+    raw arguments (method, input_ids, position_ids, cache, block, num); calls no
     phase covers, and the hidden call inside a forward, go straight to the model. Set on the instance (the
     class, isinstance checks and parameters are untouched); returns the function that removes it."""
     cls = type(model)
@@ -176,17 +177,36 @@ def intercept(model: nn.Module, role: str, on_call) -> Callable[[], None]:
                     return fn(model, input_ids, position_ids, cache, block, num)
                 finally:
                     depth[0] -= 1
-            return on_call(key, run, block_inputs(input_ids, block) + cache_tensors(cache), cache)
+            return on_call(key, run, block_inputs(input_ids, block) + cache_tensors(cache), cache,
+                           (method, input_ids, position_ids, cache, block, num))
         return call
     saved = {k: model.__dict__[k] for k in ("hidden", "forward") if k in model.__dict__}
     model.hidden = wrap("hidden", cls.hidden, "num_rows")
+    model.__dict__["unintercepted"] = Unintercepted(model)
     model.forward = wrap("forward", cls.forward, "num_logits")
 
     def remove():
-        for k in ("hidden", "forward"):
+        for k in ("hidden", "forward", "unintercepted"):
             model.__dict__.pop(k, None)
         model.__dict__.update(saved)
     return remove
+
+
+class Unintercepted:
+    """A model's own forward and hidden (bypassing `intercept`), everything else the model's: what a fallback
+    that wraps the model (CUDA graphs) calls."""
+
+    def __init__(self, model: nn.Module):
+        self.__dict__["_model"] = model
+
+    def __call__(self, *args, **kw):
+        return type(self._model).forward(self._model, *args, **kw)
+
+    def hidden(self, *args, **kw):
+        return type(self._model).hidden(self._model, *args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 def clone_strided(t: Tensor) -> Tensor:

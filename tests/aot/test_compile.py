@@ -199,3 +199,26 @@ def test_tree_budget_auto_is_chosen_at_compile_and_read_from_the_manifest(tmp_pa
     spec, plan, _ = main.prepare(compose_config(base + ["backend=compiled"]), in_run=False)
     rt = open_runtime(spec, plan, 1)
     assert rt.plan.tree_parents == parents and rt.tree_budget == budget["record"]
+
+
+def test_calls_without_a_program_replay_graphs_with_kv_window_full(tmp_path):
+    """On CUDA with kv_window=full, phases the autotuner left eager replay CUDA graphs per bucket. Here with the
+    CPU stand-in capture backend (it re-runs the captured function over the static buffers): tokens equal eager's."""
+    from runtime.compiled import attach
+    from tests.gpu.test_cuda_graphs import RerunGraphs
+    base = ["target=tiny_random", "target.model.num_layers=2", "drafter=noisy_copy", "tree=static",
+            "tree.branching=[2,1]", "target.max_seq_len=64", "backend.kv_window=full", "compile.num_prompts=1",
+            "compile.max_new_tokens=4", "compile.repeats=1", "compile.backends=[eager]", f"compile.dir={tmp_path}"]
+    spec, plan, _ = main.prepare(compose_config(base + ["backend=compiled"]), in_run=False)
+    directory, manifest, _ = ensure_artifact(plan, spec.compile, [1], progress=False)
+
+    class Counting(RerunGraphs):
+        captures = 0
+
+        def capture(self, fn):
+            Counting.captures += 1
+            return super().capture(fn)
+    graphed = attach(load(plan, 1), directory, manifest, graphs=Counting())
+    eager = load(main.prepare(compose_config(base), in_run=False)[1], 1)
+    assert outputs(graphed, n=2, max_new=10) == outputs(eager, n=2, max_new=10)
+    assert Counting.captures > 0
