@@ -20,12 +20,13 @@ PROMPTS = ["def f(x):\n    return", "import os\nimport sys\n", "class A:\n    de
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """(overrides, artifact dir): a chain-of-2 plan over a tiny checkpoint target and its noisy copy, compiled
+    """(overrides, artifact dir): a static [2, 1] tree (5 nodes) over a tiny checkpoint target and its noisy copy,
+    compiled
     (target phases, batch sizes 1 and 4) through the CLI's task=compile."""
     root = tmp_path_factory.mktemp("aot")
     ckpt = write_checkpoint(root / "ckpt", seed=3)
-    base = ["target=hf", f"target.model.checkpoint={ckpt}", "drafter=noisy_copy", "tree=chain", "tree.k=2",
-            "target.max_seq_len=128", "compile.num_prompts=1", "compile.max_new_tokens=8", "compile.roles=[target]",
+    base = ["target=hf", f"target.model.checkpoint={ckpt}", "drafter=noisy_copy", "tree=static",
+            "tree.branching=[2,1]", "target.max_seq_len=128", "compile.num_prompts=1", "compile.max_new_tokens=8", "compile.roles=[target]",
             "compile.repeats=2", "compile.backends=[aoti]", f"compile.dir={root / 'artifacts'}", "compile.batch_sizes=[1,4]",
             f"task.output_dir={root / 'out'}"]
     assert main.cli(["task=compile"] + base) == 0
@@ -56,7 +57,7 @@ def test_manifest_records_plan_identity_phases_and_autotune(setup):
     names = {p["phase"] for p in m["phases"]}
     assert "target-forward-tree-B1-Tdyn-keepall-R1" in names and "target-forward-tree-B4-Tdyn-keepall-R4" in names
     assert {"target-hidden-causal-B1-Tdyn-keep0-R1", "target-hidden-causal-B1-Tdyn-keep0-R4"} <= names  # prefill
-    assert {"acceptance-greedy-tree-B1-T3-keepall-R1", "acceptance-greedy-tree-B4-T3-keepall-R1"} <= names
+    assert {"acceptance-greedy-tree-B1-T5-keepall-R1", "acceptance-greedy-tree-B4-T5-keepall-R1"} <= names
     for row in m["autotune"]:  # every phase timed under eager and AOTInductor, the faster chosen
         assert set(row["backends"]) == {"eager", "aoti"} and row["chosen"] == "aoti"  # eager: timed, not listed
         assert row["backends"]["eager"]["seconds"] > 0 and row["backends"]["aoti"]["seconds"] > 0
@@ -74,7 +75,7 @@ def test_compiled_greedy_equals_eager(setup, rows):
     stats = compiled.compiled.stats
     assert stats.hits[f"target-forward-tree-B{rows}-Tdyn-keepall-R{rows}"] > 0
     assert stats.hits[f"target-hidden-causal-B1-Tdyn-keep0-R{rows}"] == len(PROMPTS)  # every prompt's prefill
-    assert stats.hits[f"acceptance-greedy-tree-B{rows}-T3-keepall-R1"] > 0  # the exported greedy acceptance
+    assert stats.hits[f"acceptance-greedy-tree-B{rows}-T5-keepall-R1"] > 0  # the exported greedy acceptance
 
 
 def test_compiled_sampling_equals_eager_for_the_same_seed(setup):
