@@ -26,7 +26,7 @@ def rows(answers):
 def test_sigint_keeps_finished_answers(tmp_path):
     q = questions(tmp_path / "q.jsonl", 20)
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "main.py", *TINY, f"prompts={q}", "task.max_new_tokens=48",
+    p = subprocess.Popen([sys.executable, "main.py", *TINY, f"prompts={q}", "task.max_new_tokens=160",
                           f"hydra.run.dir={run}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     answers = None
