@@ -195,8 +195,8 @@ def time_call(fn, inputs: list[torch.Tensor], repeats: int) -> float:
 
 
 def eager_call(model, ex: Example):
-    phase = Phase(model, ex.key, ex.kind, ex.capacity).eval()
-    return phase
+    """The eager reference of a model phase: the model's own forward over the example's tensors."""
+    return Phase(model, ex.key, ex.kind, ex.capacity).eval()
 
 
 # ---- the whole build -----------------------------------------------------------------------------------

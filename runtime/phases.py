@@ -3,16 +3,16 @@
 Every forward the engine and the drafters make is `model.hidden(...)` or `model(...)` (logits) with a
 `runtime.batch.Block` and a cache view (runtime/decode.py, runtime/drafters.py). A *phase* is one such call
 site with its static facts: which model (`role`), logits or hidden states (`method`), a causal block
-(`advance`: prefill chunk, drafter catch-up) or a tree block, the batch B, the tree bucket T (tree blocks;
-causal blocks keep T dynamic), how many tokens' outputs it keeps (`keep`: num_logits / num_rows), and the
-cache's row count R (a view of rows of an R-row cache has R's strides, which a compiled program fixes).
+(`advance`: prefill chunk, drafter catch-up) or a tree block, the batch B, the token count T (a program may
+keep it dynamic: `PhaseKey.dynamic`), how many tokens' outputs it keeps (`keep`: num_logits / num_rows), the
+cache's row count R (a view of rows of an R-row cache has R's strides, which a compiled program fixes), and
+for SSM caches the host facts their plan branches on (`flags`).
 
 `Phase` wraps a model as a function of tensors only (the Block's tensors, then the cache's), so
 `torch.export` captures it whole: cache tensors are inputs mutated in place (K/V written by slot index), the
-attention stays one opaque `spec.cached_attention` node (codegen/ops.py), and the KV window S is a dynamic
-dimension under `kv_window=live` (static, the capacity, under `full`). `PhaseRecorder` finds the phases a
-plan needs by running the eager engine on calibration prompts and keeping, per key, the call with the
-largest shapes as the example for export and timing.
+attention stays one opaque `spec.cached_attention` node (codegen/ops.py). `AcceptPhase` is greedy acceptance
+as such a function. `intercept` routes a model's calls through a callback with their key: the compile step
+(aot/build.py) records examples with it, the compiled backend (runtime/compiled.py) dispatches with it.
 
 Shape legend: B rows, T tokens of the block, S attended slots, C cache capacity.
 """
