@@ -33,7 +33,7 @@ from spec_compiler.budget import AcceptanceModel, CostModel, choose, replay_acce
 from spec_compiler.errors import ConfigError
 from spec_compiler.plan import Plan
 from spec_compiler.prompts import read_question_file
-from spec_compiler.tree import Provenance, TreeTopology
+from spec_compiler.tree import Provenance, TreeTopology, tree_buckets
 
 
 def calibration_prompts(plan: Plan, tokenizer) -> list[list[int]]:
@@ -266,15 +266,6 @@ def _propose_chain(d: ModelDrafter, B: int, ctx: int):
     return step
 
 
-def verify_sizes(max_nodes: int) -> list[int]:
-    """1, 2, 4, ... below max_nodes, and max_nodes."""
-    out, s = [], 1
-    while s < max_nodes:
-        out.append(s)
-        s *= 2
-    return out + [max_nodes]
-
-
 # ---- the wire-up point -------------------------------------------------------------------------------
 def resolve_budget(plan: Plan, runtime) -> tuple[tuple[int, ...], dict]:
     """tree.budget=auto: calibrate, profile, choose. Returns the chosen tree's parents and the record for the
@@ -290,7 +281,7 @@ def resolve_budget(plan: Plan, runtime) -> tuple[tuple[int, ...], dict]:
     D, R = b.max_nodes - 1, (1 if lookup or b.family == "chain" else b.max_nodes - 1)
     walks = measure_walks(runtime, prompts, b.calibration_max_new_tokens, D, R)
     acc = AcceptanceModel.from_walks(walks, D, R)
-    costs = profile_costs(runtime, verify_sizes(b.max_nodes))
+    costs = profile_costs(runtime, list(tree_buckets(b.max_nodes)))
     choice = choose(acc, costs, b.max_nodes, b.family)
     best = choice.best
     replayed = 1.0 + replay_accepted(TreeTopology(best.parents), walks)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from spec_compiler.schema import ServingConfig, ServingPolicy
+from spec_compiler.tree import tree_buckets
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROFILE_DIR = PROJECT_ROOT / "artifacts" / "profiles"
@@ -230,12 +231,8 @@ def profile_engine(engine, make_request, contexts: Sequence[int], batch_sizes: S
 
 
 def profile_batch_sizes(max_batch_size: int) -> list[int]:
-    """1, 2, 4, ... below max_batch_size, and max_batch_size."""
-    out, b = [], 1
-    while b < max_batch_size:
-        out.append(b)
-        b *= 2
-    return out + [max_batch_size]
+    """1, 2, 4, ... below max_batch_size, and max_batch_size (the same doubling as the tree buckets)."""
+    return list(tree_buckets(max_batch_size))
 
 
 def make_policy(serving: ServingConfig, tree_depth: int, profile_fn=None):
