@@ -139,7 +139,7 @@ class _FixedTree:
     def __init__(self, topo: TreeTopology, tokens: list[int]):
         self.topo, self.tokens = topo, tokens
 
-    def start(self, slot, tokens):
+    def start(self, slot, tokens, defer=False):
         pass
 
     def move(self, src, dst):

@@ -108,16 +108,19 @@ class Engine:
     def __init__(self, target, cache, drafter, *, max_seq_len: int, eos_ids: Sequence[int] = (),
                  kv_window: str = "live", prefill_chunk: int = 0, verify_head: str = "full",
                  on_step: Optional[Callable[[StepState], None]] = None, record_shapes: bool = False,
-                 acceptor: Optional[Callable] = None):
+                 acceptor: Optional[Callable] = None, defer_drafter: bool = False):
         """cache: the target's cache with `cache.rows` rows (the most requests decoded together);
         prefill_chunk: prompt tokens per prefill forward (0 = the whole prompt in one); verify_head: "full" runs
         the LM head over every tree node of the verify forward, "path" only over the nodes the acceptance
         walk reaches (`runtime.sampling.NodeLogits`: one head call of B rows per accepted level); record_shapes: keep
-        the (B, T, S) of every verify forward in `shapes` (tests of the static-shape contract)."""
+        the (B, T, S) of every verify forward in `shapes` (tests of the static-shape contract); defer_drafter: a
+        joining request's drafter prefill waits for its first drafted step (serving, where the policy may pick
+        k = 0: then the drafter costs nothing), else it runs when the request joins (bench and generate, whose
+        prefill time then holds the drafter's too)."""
         assert kv_window in ("live", "full"), kv_window
         assert verify_head in ("full", "path"), verify_head
         self.verify_head = verify_head
-        self.acceptor = acceptor
+        self.acceptor, self.defer_drafter = acceptor, defer_drafter
         """backend=compiled: acceptor(tree, logits) -> (paths, next tokens) or None, for all-greedy batches whose
         logits are a tensor (runtime/compiled.py); None (or a None answer): runtime.sampling.accept."""
         self.target, self.cache, self.drafter = target, cache, drafter
@@ -166,7 +169,7 @@ class Engine:
     def prefill(self, budget: Optional[int] = None) -> list[Request]:
         """Prefill waiting requests in admission order, up to `budget` prompt tokens in all (None: every one to
         the end), in forwards of at most `prefill_chunk` tokens. A request whose prompt is in the cache joins
-        the decoding rows (its drafter row starts then). Returns the requests that joined."""
+        the decoding rows (its drafter row starts then, `defer_drafter` aside). Returns the requests that joined."""
         joined = []
         while self.prefilling and (budget is None or budget > 0):
             req = self.prefilling[0]
@@ -185,7 +188,7 @@ class Engine:
             if req.prefilled == req.L:
                 self.prefilling.pop(0)
                 assert req.slot == len(self.rows)
-                self.drafter.start(req.slot, req.tokens)
+                self.drafter.start(req.slot, req.tokens, self.defer_drafter)
                 self.rows.append(req)
                 joined.append(req)
             req.result.prefill_time += time.perf_counter() - t0

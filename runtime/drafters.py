@@ -13,8 +13,9 @@
   drafter with either (`runtime.retrieval`) have the same interface; the fusion scores retrieval candidates
   with `ModelDrafter.path_logprobs` and passes the catch-up's root logits to `propose`.
 
-Interface shared by all drafters: `start(slot, tokens)` when a request is admitted to a row (its prompt is
-prefilled), `move(src, dst)` when the engine moves a request to another row, `propose(rows, max_depth)`
+Interface shared by all drafters: `start(slot, tokens, defer=False)` when a request is admitted to a row (its
+prompt is prefilled now, or with `defer` at the row's first drafted step: a server whose policy may pick k = 0
+pays for the drafter only when it drafts), `move(src, dst)` when the engine moves a request to another row, `propose(rows, max_depth)`
 where `rows[b]` has `.tokens` (prompt + emitted; the last one is the root), `.slot` and `.sampler`, and
 `max_depth[b]` caps row b's tree depth (the remaining budget). Drafters never see the target.
 """
@@ -39,7 +40,7 @@ def bucket_for(buckets: Sequence[int], n: int) -> int:
 
 
 class NoDrafter:
-    def start(self, slot: int, tokens: list[int]) -> None:
+    def start(self, slot: int, tokens: list[int], defer: bool = False) -> None:
         pass
 
     def move(self, src: int, dst: int) -> None:
@@ -82,14 +83,29 @@ class ModelDrafter:
 
     # ---- rows ----------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def start(self, slot: int, tokens: list[int]) -> None:
-        """Prefill the prompt up to (not including) the root; the first step catches up on the root."""
-        ids = tokens[:-1]
-        self.cached[slot] = len(ids)
-        if ids:
-            block = Block.causal(0, len(ids), 1, self._kv_len(len(ids)), device=self.device)
-            self.model.hidden(torch.tensor([ids], device=self.device), block.positions,
+    def start(self, slot: int, tokens: list[int], defer: bool = False) -> None:
+        """Prefill the prompt up to (not including) the root; the first step catches up on the root. defer: leave
+        the row empty; the row's first drafted step prefills it (`_catch_up`), so steps that draft nothing
+        (serving k = 0) cost no drafter forward at all."""
+        self.cached[slot] = 0
+        if not defer:
+            self._prefill(slot, tokens)
+
+    @property
+    def catch_up_limit(self) -> int:
+        """Tokens behind the root a row may be and still catch up in the batched forward: a step commits at most
+        the tree's depth, so a longer gap means steps that did not draft (deferred start, serving k = 0); such a
+        row is prefilled alone first (`_prefill`), instead of padding every row of the batch to its gap."""
+        return self.topology.max_depth if self.policy is None else self.policy.max_depth
+
+    def _prefill(self, slot: int, tokens: list[int]) -> None:
+        """Causal forward over tokens[cached:-1] of row `slot` (everything before the root)."""
+        lo, hi = self.cached[slot], len(tokens) - 1
+        if hi > lo:
+            block = Block.causal(lo, hi - lo, 1, self._kv_len(hi), device=self.device)
+            self.model.hidden(torch.tensor([tokens[lo:hi]], device=self.device), block.positions,
                               self.cache.view_rows(slot, slot + 1), block, num_rows=0)
+            self.cached[slot] = hi
 
     def move(self, src: int, dst: int) -> None:
         self.cache.copy_row(src, dst)
@@ -124,6 +140,10 @@ class ModelDrafter:
     def _catch_up(self, rows: Sequence) -> torch.Tensor:
         """Every row's tokens since its last step (ending with its root) in one forward -> root logits [B, Vd]."""
         B = len(rows)
+        for r in rows:  # not started yet (deferred), or behind by steps that did not draft
+            behind = len(r.tokens) - 1 - self.cached[r.slot]
+            if behind > 0 and (self.cached[r.slot] == 0 or behind > self.catch_up_limit):
+                self._prefill(r.slot, r.tokens)
         news = [r.tokens[self.cached[r.slot]:] for r in rows]
         cached = [self.cached[r.slot] for r in rows]
         view = self.cache.view_rows(0, B)

@@ -77,10 +77,10 @@ class Runtime:
         return Request(list(prompt_ids), max_new_tokens, self.sampling, torch.Generator().manual_seed(2 * seed),
                        torch.Generator().manual_seed(2 * seed + 1))
 
-    def engine(self, on_step: Optional[Callable[[StepState], None]] = None) -> Engine:
+    def engine(self, on_step: Optional[Callable[[StepState], None]] = None, defer_drafter: bool = False) -> Engine:
         return Engine(self.target, self.cache, self.drafter, max_seq_len=self.plan.max_seq_len, eos_ids=self.eos_ids,
                       kv_window=self.plan.kv_window, verify_head=self.plan.verify_head, on_step=on_step,
-                      acceptor=None if self.compiled is None else self.compiled.acceptor)
+                      acceptor=None if self.compiled is None else self.compiled.acceptor, defer_drafter=defer_drafter)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0,
                  on_step: Optional[Callable[[StepState], None]] = None) -> DecodeResult:

@@ -59,8 +59,8 @@ class PromptLookupDrafter:
         self._topologies: dict[tuple[int, ...], TreeTopology] = {}  # one object per shape: its tensors are cached
 
     # ---- row lifecycle ---------------------------------------------------------------------------------
-    def start(self, slot: int, tokens: Sequence[int]) -> None:
-        """A new request on row `slot`: index its prompt."""
+    def start(self, slot: int, tokens: Sequence[int], defer: bool = False) -> None:
+        """A new request on row `slot`: index its prompt (always now: indexing is cheap; `defer` is ignored)."""
         row = self.rows[slot] = _Row()
         self._extend(row, tokens)
 

@@ -55,7 +55,7 @@ class DatastoreDrafter:
         self.buckets = tree_buckets(max_nodes + 1)
         self._topologies: dict[tuple[int, ...], TreeTopology] = {}
 
-    def start(self, slot: int, tokens: list[int]) -> None:
+    def start(self, slot: int, tokens: list[int], defer: bool = False) -> None:
         pass
 
     def move(self, src: int, dst: int) -> None:
@@ -180,8 +180,8 @@ class FusedDrafter:
         self._topologies: dict[tuple[int, ...], TreeTopology] = {}
         self.seen = [0] * len(model.cached)  # per row: its token count at the previous step (0: none yet)
 
-    def start(self, slot: int, tokens: list[int]) -> None:
-        self.model.start(slot, tokens)
+    def start(self, slot: int, tokens: list[int], defer: bool = False) -> None:
+        self.model.start(slot, tokens, defer)
         self.retrieval.start(slot, tokens)
         self.seen[slot] = 0
 

@@ -86,6 +86,10 @@ class BeamTree:
     def per_round(self) -> int:
         return self.beam_width
 
+    @property
+    def max_depth(self) -> int:
+        return self.beam_depth
+
     def start(self, root: int, cap: int, sampler, sampled: bool) -> "BeamRow":
         return BeamRow(self, root, min(cap, self.beam_depth), sampler, sampled)
 

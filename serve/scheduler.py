@@ -105,7 +105,7 @@ class Scheduler:
         """runtime: a runtime.load.Runtime (its caches are resized to serving.max_batch_size rows)."""
         self.rt = runtime.with_batch_size(serving.max_batch_size)
         self.serving = serving
-        self.engine: Engine = self.rt.engine()
+        self.engine: Engine = self.rt.engine(defer_drafter=True)  # a k = 0 step (SmartSpec, serving.k=0) drafts nothing
         self.engine.prefill_chunk = serving.prefill_chunk
         self.depth = self.rt.plan.tree_depth
         self._profile_ids = self.rt.tokenizer.encode(profile_prompt).ids
@@ -276,6 +276,8 @@ class Scheduler:
                 eng.cancel(job.request)
             self._finish(job, "cancelled")
         for job in admit:
+            if job.done:  # cancelled in the same cycle that took it from the queue
+                continue
             job.request = self._request(job)
             eng.admit(job.request)
             self._running[id(job.request)] = job

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -521,10 +522,21 @@ class BackgroundServer:
 def run_server(app: FastAPI, sock: socket.socket) -> None:
     """uvicorn on a bound socket (`bind`) in this thread, until Ctrl-C / SIGTERM."""
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal under the handler it found:
+    # for SIGTERM (a process manager's stop) that handler ends the run the way Ctrl-C does, so the caller still
+    # stops the scheduler and writes its result instead of the process dying by the signal's default action.
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(sig, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run_serve(rt: Runtime, cfg, job) -> dict:

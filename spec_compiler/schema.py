@@ -603,8 +603,9 @@ def _default_policies() -> list[LoadPolicy]:
 
 @dataclass
 class LoadTestConfig:
-    """task=loadtest: per policy a fresh server on 127.0.0.1 (a free port), then per rate `num_requests`
-    streamed requests with Poisson arrivals, prompts drawn from the run's prompt file."""
+    """task=loadtest: a server per policy on 127.0.0.1 (a free port each, all started before any is measured),
+    then per rate and repeat `num_requests` streamed requests with Poisson arrivals to each server in turn, from a
+    client in another process; prompts drawn from the run's prompt file."""
 
     rates: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     """Request rates to measure, requests per second."""
@@ -614,6 +615,9 @@ class LoadTestConfig:
     """The server configurations compared side by side (conf/task/loadtest.yaml lists none, k1, k2, k4, smartspec)."""
     warmup: int = 2
     """Untimed requests sent one by one to each fresh server before its first rate."""
+    repeats: int = 1
+    """Runs of every (rate, policy), interleaved: each repeat sends every policy in turn (rotated order) the same
+    arrivals and prompts, drawn afresh per repeat; a row pools the requests of all repeats."""
     seed: int = 0
     """Seeds the arrival times and the prompt order (the same for every policy)."""
     request_timeout_s: float = 600.0
@@ -627,6 +631,8 @@ class LoadTestConfig:
                 raise ConfigError(f"task.loadtest.rates[{i}]", "must be > 0 (requests per second)", r)
         if self.num_requests < 1:
             raise ConfigError("task.loadtest.num_requests", "must be >= 1", self.num_requests)
+        if self.repeats < 1:
+            raise ConfigError("task.loadtest.repeats", "must be >= 1", self.repeats)
         if not self.policies:
             raise ConfigError("task.loadtest.policies", "must list at least one policy", [])
         names = [p.name for p in self.policies]

@@ -223,3 +223,57 @@ def test_requests_leave_and_rows_are_reused(target, greedy_reference):
     assert [len(r.output_ids) for r in res] == list(BUDGETS)
     assert max(B for B, _, _ in eng.shapes) == 2 and min(B for B, _, _ in eng.shapes) == 1
     assert not eng.rows
+
+
+def drive(eng: Engine, reqs: list[Request], ks) -> list:
+    """Engine.generate's continuous batching with step i verifying at most ks[i] draft levels (the serving
+    policy's k; None: the whole tree)."""
+    waiting, i = list(reqs)[::-1], 0
+    while waiting or eng.rows:
+        while waiting and len(eng.rows) < eng.capacity_rows:
+            eng.add(waiting.pop())
+        k = ks[i % len(ks)]
+        eng.step(None if k is None else [k] * len(eng.rows))
+        i += 1
+    return [r.result for r in reqs]
+
+
+def test_deferred_drafter_prefill_and_steps_that_do_not_draft(target, greedy_reference):
+    """Serving's deferred drafter start: a step with k = 0 runs no drafter forward at all; a row that joined
+    during k = 0 steps, or fell further behind than a tree's depth, is prefilled alone at its next drafted step;
+    greedy output stays autoregressive's, the drafter's cache equals a fresh prefill of what it has seen, and
+    its drafts are still accepted. With k never 0 the deferred start decides exactly as the eager one
+    (sampled rows included)."""
+    _, model = target
+    topo = TREES["chain3"]
+    ks = [0, 0, 0, 0, 0, 3, 1, 0, 0, 0, 0, 0, 0, 2, 3, 3, 0]  # gaps of 5-6 tokens > the chain's depth 3
+    drafter = make_drafter("noisy_copy", model, topo, 3)
+    calls = []
+    real = drafter.model.hidden
+    counted = drafter.model.hidden = lambda *a, **kw: calls.append(len(steps)) or real(*a, **kw)
+    steps: list = []
+    seen = []
+
+    def check(state):
+        if drafter.cached[state.row]:
+            drafter.model.hidden = real  # the fresh prefill below is not the engine's
+            assert_cache_equal(drafter.model, drafter.cache.view_rows(state.row, state.row + 1),
+                               state.tokens[:drafter.cached[state.row]])
+            drafter.model.hidden = counted
+            seen.append(drafter.cached[state.row])
+
+    eng = Engine(model, new_cache(model, 3, topo), drafter, max_seq_len=MAX_SEQ, on_step=check, defer_drafter=True)
+    real_step = eng.step
+    eng.step = lambda limit=None: steps.append(limit[0] if limit else None) or real_step(limit)
+    res = drive(eng, requests([SamplingParams()] * 5), ks)
+    assert [r.output_ids for r in res] == greedy_reference
+    assert calls and all(steps[i - 1] != 0 for i in calls), (calls, steps)  # forwards only in steps that drafted
+    drafted = [(a, d) for r in res for a, d in zip(r.accept_lengths, r.draft_depths) if d > 0]
+    assert sum(a for a, _ in drafted) / len(drafted) > 1.3 and len(seen) > 10
+    for child, sampling in ((ChildKind.deterministic, [SamplingParams()] * 5), (ChildKind.wor, MIXED)):
+        out = []
+        for defer in (False, True):
+            e = Engine(model, new_cache(model, 3, topo), make_drafter("noisy_copy", model, topo, 3, child),
+                       max_seq_len=MAX_SEQ, defer_drafter=defer)
+            out.append([(r.output_ids, r.accept_lengths) for r in e.generate(requests(sampling))])
+        assert out[0] == out[1]

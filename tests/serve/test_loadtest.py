@@ -25,15 +25,18 @@ def args(tmp_path, *extra):
 
 
 def test_loadtest_reports_every_policy_and_rate(tmp_path, capsys):
-    assert main.cli(args(tmp_path, POLICIES)) == 0, capsys.readouterr().err[-3000:]
+    """Two repeats: every row pools 2 x 4 requests, with each repeat's mean latency."""
+    assert main.cli(args(tmp_path, POLICIES, "task.loadtest.repeats=2")) == 0, capsys.readouterr().err[-3000:]
     run = tmp_path / "run"
     report = json.loads((run / "loadtest.json").read_text())
     rows = report["rows"]
-    assert [(r["policy"], r["rate"]) for r in rows] == [("none", 4.0), ("none", 50.0), ("k2", 4.0), ("k2", 50.0)]
+    assert [(r["policy"], r["rate"]) for r in rows] == [("none", 4.0), ("k2", 4.0), ("none", 50.0), ("k2", 50.0)]
     for r in rows:
-        assert r["completed"] == 4 and r["failed"] == 0
+        assert r["completed"] == 8 and r["failed"] == 0 and r["repeats"] == 2
+        assert len(r["latency_mean_per_repeat"]) == 2
+        assert abs(sum(r["latency_mean_per_repeat"]) / 2 - r["latency_mean"]) < 1e-9  # equal-sized repeats
         assert 0 < r["ttft_mean"] <= r["latency_mean"] and r["latency_p50"] <= r["latency_p99"]
-        assert r["completion_tokens"] == 4 * 5 and r["throughput_tok_s"] > 0
+        assert r["completion_tokens"] == 8 * 5 and r["throughput_tok_s"] > 0
     assert all(r["tau"] == 1.0 for r in rows if r["policy"] == "none")
     assert "-ar-" in report["policies"]["none"]["plan"] and "-chain-" in report["policies"]["k2"]["plan"]
     assert min(r["vs_best"] for r in rows) == 1.0
@@ -66,6 +69,7 @@ def test_serve_and_loadtest_settings_are_checked():
         "task.max_body_bytes": ["task=serve", "task.max_body_bytes=10"],
         "task.loadtest.rates[1]": ["task=loadtest", "task.loadtest.rates=[1,0]"],
         "task.loadtest.num_requests": ["task=loadtest", "task.loadtest.num_requests=0"],
+        "task.loadtest.repeats": ["task=loadtest", "task.loadtest.repeats=0"],
         "task.loadtest.policies[1].name": ["task=loadtest", "task.loadtest.policies=[{name:a},{name:a}]"],
     }
     for key, overrides in bad.items():

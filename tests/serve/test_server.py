@@ -304,7 +304,9 @@ def test_metrics_health_models(server):
     assert m['spec_scheduler_policy_info{policy="fixed"}'] == 1
 
 
-def test_task_serve_runs_and_stops_on_sigint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_task_serve_runs_and_stops_on_a_signal(tmp_path, sig):
+    """Ctrl-C and a process manager's SIGTERM both stop the server gracefully: exit 0 and the result written."""
     cmd = [sys.executable, "main.py", "target=tiny_random", "drafter=noisy_copy", "tree=chain", *SMALL,
            "task.port=0", f"hydra.run.dir={tmp_path}"]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -329,7 +331,7 @@ def test_task_serve_runs_and_stops_on_sigint(tmp_path):
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
                        headers={"Authorization": "Bearer env-key"}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         out, _ = p.communicate(timeout=60)
     finally:
         p.kill()
