@@ -72,6 +72,11 @@ class ModelDrafter:
         self.s2t = s2t.cpu() if s2t is not None else None
         self.policy = policy
         self.buckets = tree_buckets(topology.n if policy is None else policy.max_nodes)
+        self.catch_up_limit = topology.max_depth if policy is None else policy.max_depth
+        """Tokens behind the root a row may be and still catch up in the batched forward: a step commits at most
+        the deepest tree verified (this drafter's; a fusion with retrieval raises it to its own), so a longer gap
+        means steps that did not draft (deferred start, serving k = 0, retrieval-only steps); such a row is
+        prefilled alone first (`_prefill`) instead of padding every row of the batch to its gap."""
 
     @property
     def prov(self) -> Provenance:
@@ -90,13 +95,6 @@ class ModelDrafter:
         self.cached[slot] = 0
         if not defer:
             self._prefill(slot, tokens)
-
-    @property
-    def catch_up_limit(self) -> int:
-        """Tokens behind the root a row may be and still catch up in the batched forward: a step commits at most
-        the tree's depth, so a longer gap means steps that did not draft (deferred start, serving k = 0); such a
-        row is prefilled alone first (`_prefill`), instead of padding every row of the batch to its gap."""
-        return self.topology.max_depth if self.policy is None else self.policy.max_depth
 
     def _prefill(self, slot: int, tokens: list[int]) -> None:
         """Causal forward over tokens[cached:-1] of row `slot` (everything before the root)."""

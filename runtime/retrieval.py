@@ -179,6 +179,8 @@ class FusedDrafter:
         self.buckets = tree_buckets(model.topology.n + max_nodes)
         self._topologies: dict[tuple[int, ...], TreeTopology] = {}
         self.seen = [0] * len(model.cached)  # per row: its token count at the previous step (0: none yet)
+        # a fused step may commit a retrieved chain of up to max_nodes tokens: the model catches up on it batched
+        model.catch_up_limit = max(model.catch_up_limit, max_nodes)
 
     def start(self, slot: int, tokens: list[int], defer: bool = False) -> None:
         self.model.start(slot, tokens, defer)

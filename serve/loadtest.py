@@ -100,21 +100,20 @@ def scrape(url: str) -> dict[str, float]:
 
 def summarize(policy: str, rate: float, runs: list[tuple[list[Sent], dict, dict]]) -> dict:
     """One row from the repeats of (policy, rate): each run's requests and the /metrics before and after it."""
+    def done(run: list[Sent]) -> list[Sent]:
+        return [s for s in run if s.status == 200 and s.t_done is not None]
+
     sent = [s for run, _, _ in runs for s in run]
-    ok = [s for s in sent if s.status == 200 and s.t_done is not None]
+    ok = done(sent)
     lat = np.array([s.t_done - s.t_send for s in ok]) if ok else np.array([np.nan])
     ttft = np.array([s.t_first - s.t_send for s in ok]) if ok else np.array([np.nan])
     tokens = sum(s.completion_tokens for s in ok)
-    span = 0.0  # each repeat's busy span (first send to last done), summed
-    for run, _, _ in runs:
-        done = [s.t_done for s in run if s.status == 200 and s.t_done is not None]
-        span += max(done, default=0.0) - min(s.t_send for s in run) if done else 0.0
+    # each repeat's busy span (first send to last done), summed
+    span = sum(max(s.t_done for s in done(run)) - min(s.t_send for s in run) for run, _, _ in runs if done(run))
     keys = ("spec_completion_tokens_total", "spec_request_steps_total")
     d = {k: sum(after.get(k, 0.0) - before.get(k, 0.0) for _, before, after in runs) for k in keys}
-    per_repeat = []
-    for run, _, _ in runs:
-        x = [s.t_done - s.t_send for s in run if s.status == 200 and s.t_done is not None]
-        per_repeat.append(float(np.mean(x)) if x else float("nan"))
+    per_repeat = [float(np.mean([s.t_done - s.t_send for s in done(run)])) if done(run) else float("nan")
+                  for run, _, _ in runs]
     return {
         "policy": policy, "rate": rate, "repeats": len(runs), "requests": len(sent), "completed": len(ok),
         "failed": len(sent) - len(ok),
