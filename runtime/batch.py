@@ -25,6 +25,7 @@ Shape legend: B rows, T nodes (bucket), S attended slots, V vocabulary.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional, Sequence
@@ -32,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from runtime import device as devices
 from spec_compiler.tree import Provenance, TreeTopology
 
 PAD = int(Provenance.pad)
@@ -170,6 +172,19 @@ class Block:
     """When every row writes slots start..start+T-1 (a prefill, batch 1): attention writes a slice."""
     mask_full: bool = False
     """Every token may attend to every slot of the window (attention may skip the mask)."""
+    host_facts: Optional[tuple[bool, bool]] = None
+    """(some row has L_b = 0, some block root continues from SSM scratch), taken from the host copy when the block
+    was sent to a device (`to`): an SSM cache plans the forward from them instead of reading the device tensors
+    (runtime.models.ssm_cache.SSMCache.plan; a read would synchronise). None: read them when needed."""
+
+    def to(self, device: Optional[torch.device]) -> "Block":
+        """This host-built block on `device`: every tensor sent without a host synchronisation
+        (runtime.device.to_device), the SSM planning facts taken on the host first. The CPU: itself."""
+        if device is None or devices.on_host(device):
+            return self
+        from runtime.models.ssm_cache import block_facts
+        moved = {f: devices.to_device(getattr(self, f), device) for f in _TENSOR_FIELDS if getattr(self, f) is not None}
+        return dataclasses.replace(self, **moved, host_facts=block_facts(self))
 
     @property
     def B(self) -> int:
@@ -210,26 +225,27 @@ class Block:
         base = lengths - 1 and lo >= 1 (one level per forward). Node j continues from its parent's slot,
         the root from the committed slot L_b - 1; padding from nothing."""
         hi = tree.T if hi is None else hi
-        if tree.B == 1 and lengths.device.type == "cpu" and (device is None or torch.device(device).type == "cpu"):
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        assert lengths.device.type == "cpu" and (base is None or base.device.type == "cpu"), \
+            "lengths and base are host tensors (the host knows every row's length; reading them back would sync)"
+        if tree.B == 1 and devices.on_host(dev):
             L = int(lengths[0])
             return Block._tree_one_row(L, L if base is None else int(base[0]), tree, kv_len, lo, hi)
-        lengths = lengths.to(device)
-        base = lengths if base is None else base.to(device)
+        # Built on the host from host tensors and sent to the device once (runtime.device.to_device: no sync)
+        base = lengths if base is None else base
         B, T = tree.tokens.shape[0], hi - lo
-        ids = torch.arange(lo, hi, device=device)
+        ids = torch.arange(lo, hi)
         slots = base[:, None] + ids[None]  # [B, T]
-        parents = tree.parents[:, lo:hi].to(device)
+        parents = tree.parents[:, lo:hi]
         parent_slots = torch.where(parents >= 0, base[:, None] + parents, lengths[:, None] - 1)
-        parent_slots = torch.where(tree.valid[:, lo:hi].to(device), parent_slots, torch.full_like(parent_slots, -1))
-        anc = tree.anc[:, lo:hi, :hi].to(device)  # [B, T, hi]: visible tree nodes 0..hi-1
-        start = int(base[0]) + lo if B == 1 and base.device.type == "cpu" else None
+        parent_slots = torch.where(tree.valid[:, lo:hi], parent_slots, torch.full_like(parent_slots, -1))
+        anc = tree.anc[:, lo:hi, :hi]  # [B, T, hi]: visible tree nodes 0..hi-1
+        start = int(base[0]) + lo if B == 1 else None
         full = start is not None and T == 1 and lo == 0 and kv_len == start + 1  # the root alone sees every slot
-        mask = torch.ones(B, T, kv_len, dtype=torch.bool, device=device) if full else \
-            window_mask(lengths, base, anc, kv_len)
-        return Block(slots, base[:, None] + tree.depth[:, lo:hi].to(device), parent_slots, mask, lengths,
-                     advance=False, anc=anc[:, :, lo:hi], offsets=slots - lengths[:, None], start=start,
-                     mask_full=full)
-
+        mask = torch.ones(B, T, kv_len, dtype=torch.bool) if full else window_mask(lengths, base, anc, kv_len)
+        block = Block(slots, base[:, None] + tree.depth[:, lo:hi], parent_slots, mask, lengths, advance=False,
+                      anc=anc[:, :, lo:hi], offsets=slots - lengths[:, None], start=start, mask_full=full)
+        return block.to(dev)
 
     @staticmethod
     def tree_ranges(lengths: Tensor, tree: TreeBatch, kv_len: int, lo: Tensor, T: int, base: Tensor,
@@ -250,11 +266,11 @@ class Block:
         mask = window_mask(lengths, base, anc, kv_len)
         eye = torch.eye(T, dtype=torch.bool)[None].expand(B, T, T)
         positions = base[:, None] + tree.depth.gather(1, ids)
-        dev = lambda x: x.to(device)  # noqa: E731
-        return Block(dev(slots), dev(positions), dev(parent_slots), dev(mask), dev(lengths), advance=False,
-                     anc=dev(eye), offsets=dev(slots - lengths[:, None]))
+        return Block(slots, positions, parent_slots, mask, lengths, advance=False, anc=eye,
+                     offsets=slots - lengths[:, None]).to(torch.device(device) if device is not None else None)
 
 
+_TENSOR_FIELDS = ("slots", "positions", "parent_slots", "mask", "lengths", "anc", "offsets")
 _ROOTS: dict = {}  # B -> the structure tensors of B root-only trees
 
 
@@ -286,10 +302,10 @@ def _tree_one_row_impl(L: int, base: int, tree: TreeBatch, kv_len: int, lo: int,
 
 def window_mask(lengths: Tensor, base: Tensor, anc: Tensor, kv_len: int) -> Tensor:
     """[B, T, S] bool: every token sees its row's committed prefix [0, L_b) and the slots base_b + j of the
-    tree nodes j it descends from (anc [B, T, n]: row t may see node j)."""
+    tree nodes j it descends from (anc [B, T, n]: row t may see node j). Host tensors in and out (`Block.to`)."""
     B, T, n = anc.shape
-    s = torch.arange(kv_len, device=lengths.device)
+    s = torch.arange(kv_len)
     mask = (s[None, :] < lengths[:, None])[:, None, :].expand(B, T, kv_len).clone()  # [B, T, S]
-    cols = (base[:, None] + torch.arange(n, device=lengths.device)[None])[:, None, :].expand(B, T, n)
+    cols = (base[:, None] + torch.arange(n)[None])[:, None, :].expand(B, T, n)
     mask.scatter_(2, cols, anc | mask.gather(2, cols))  # keep prefix slots a tree node may alias (a committed root)
     return mask

@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from runtime.phases import BLOCK_INPUTS, PhaseKey, accept_key, intercept, unpack_accept
+from runtime.device import to_device
+from runtime.phases import BLOCK_INPUTS, PhaseKey, accept_key, intercept
 
 
 def load_program(backend: str, path: Path) -> Callable:
@@ -125,13 +126,16 @@ class Compiled:
     programs: dict[str, dict[PhaseKey, Program]]
 
     def acceptor(self, tree, logits):
-        """Greedy acceptance by the artifact's acceptance program for this (B, T), or None (eager's)."""
+        """Greedy acceptance by the artifact's acceptance program for this (B, T): its packed result [B, T + 2]
+        (read by the engine, runtime.decode.Engine._accept_packed), or None (eager's)."""
         key = accept_key(tree.B, tree.T)
         prog = self.programs.get("acceptance", {}).get(key)
         if prog is None:
             return None
         self.stats.hits[key.name] += 1
-        return unpack_accept(prog.run(logits.contiguous(), tree.parents.contiguous(), tree.tokens.contiguous()))
+        dev = logits.device
+        return prog.run(logits.contiguous(), to_device(tree.parents.contiguous(), dev),
+                        to_device(tree.tokens.contiguous(), dev))
 
     def summary(self) -> str:
         chosen = Counter(p["backend"] for p in self.manifest["phases"])

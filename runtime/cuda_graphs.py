@@ -18,18 +18,22 @@ all True). Warm-up forwards before a capture run the call itself (they write the
 slots), so capturing on first use changes no result. Outputs are returned as fresh tensors (a clone of
 the graph's static output), so a caller may keep them across later replays.
 
-Host synchronisations in the eager step today (runtime/decode.py, runtime/drafters.py; documented here,
-not changed). Each blocks the host until the device queue drains, so every one of them costs a full
-launch-latency round trip on a GPU:
-- `Engine.step`: `torch.tensor(lengths)` and `Block.tree(..., device=cuda)` copy host tensors to the
-  device (`.to(device)` of pageable memory: a synchronising copy), several per step; `tree.tokens.to(device)`;
-  `self.target(*args).cpu()` (the verify logits to the host for `runtime.sampling.accept`, which walks the
-  tree on the host: `.tolist()`); `KVCache.commit` builds its index tensors on the host and copies them.
-- `ModelDrafter.propose`: per drafted level `torch.topk(logits).indices.cpu()` (deterministic children)
-  or `_probs(...).cpu()` (sampled children), plus one Block host-to-device build per level;
-  `_catch_up` copies its Block and tokens to the device.
-So a depth-d step synchronises about 2d + 4 times. The goal (issue #11) is at most one: draft levels,
-verify and `codegen.fused_accept` on the device, one small `packed` result read by the host.
+Host synchronisations of a step on a GPU (the engine's `resident` mode, the default off the CPU). Every host
+read of a device value waits for the device queue to drain (a launch-latency round trip each), so the step
+keeps its data on the device and reads one small tensor:
+- the host builds each forward's `Block` from host lengths and the static topology and sends it with
+  non-blocking copies from pinned memory (`Block.to`, `runtime.device.to_device`), with the SSM planning
+  facts taken from the host copy;
+- a top-b static tree's drafter keeps its tokens on the device (`ModelDrafter._propose_resident`: each
+  level's top-b columns scattered into the child slots by index and fed to the next level's forward);
+- all-greedy batches accept on the device (`spec::fused_accept`, the Triton walk, or the artifact's
+  acceptance program), and the host reads the packed result and the tree's tokens in one copy
+  (`Engine._accept_packed`, `runtime.device.to_host`); KV compaction indices and the SSM commit are sent.
+So a greedy step with a model drafter, prompt lookup or none synchronises once
+(tests/runtime/test_host_sync.py checks it on the CPU against a simulated device). Still reading per level
+or per round: sampled children (their distributions go to the host sampler: one read per level plus the
+verify logits), sampled acceptance (the host walk reads the logits), grown trees (dynamic / beam: each
+round's choice is made on the host) and RASD pruning (the draft scores of the retrieved candidates).
 """
 from __future__ import annotations
 

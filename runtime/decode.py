@@ -28,6 +28,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from runtime.batch import Block
+from runtime import device as devices
+from runtime.device import to_device, to_host
 from runtime.sampling import NodeLogits, SamplingParams, TorchDraftSampler, accept
 from spec_compiler.errors import InputError
 
@@ -108,7 +110,7 @@ class Engine:
     def __init__(self, target, cache, drafter, *, max_seq_len: int, eos_ids: Sequence[int] = (),
                  kv_window: str = "live", prefill_chunk: int = 0, verify_head: str = "full",
                  on_step: Optional[Callable[[StepState], None]] = None, record_shapes: bool = False,
-                 acceptor: Optional[Callable] = None, defer_drafter: bool = False):
+                 acceptor: Optional[Callable] = None, defer_drafter: bool = False, resident: Optional[bool] = None):
         """cache: the target's cache with `cache.rows` rows (the most requests decoded together);
         prefill_chunk: prompt tokens per prefill forward (0 = the whole prompt in one); verify_head: "full" runs
         the LM head over every tree node of the verify forward, "path" only over the nodes the acceptance
@@ -116,17 +118,21 @@ class Engine:
         the (B, T, S) of every verify forward in `shapes` (tests of the static-shape contract); defer_drafter: a
         joining request's drafter prefill waits for its first drafted step (serving, where the policy may pick
         k = 0: then the drafter costs nothing), else it runs when the request joins (bench and generate, whose
-        prefill time then holds the drafter's too)."""
+        prefill time then holds the drafter's too); resident: all-greedy steps keep the verify logits on the device
+        and accept there (`codegen.fused_accept`, or the artifact's acceptance program), the host reading one small
+        tensor per step (None: on every device but the CPU, where reading logits costs nothing)."""
         assert kv_window in ("live", "full"), kv_window
         assert verify_head in ("full", "path"), verify_head
         self.verify_head = verify_head
         self.acceptor, self.defer_drafter = acceptor, defer_drafter
-        """backend=compiled: acceptor(tree, logits) -> (paths, next tokens) or None, for all-greedy batches whose
-        logits are a tensor (runtime/compiled.py); None (or a None answer): runtime.sampling.accept."""
+        """backend=compiled: acceptor(tree, logits) -> the packed greedy acceptance [B, T + 2] (`AcceptPhase`) or None,
+        for all-greedy batches whose logits are a tensor (runtime/compiled.py); None (or a None answer): the fused
+        acceptance when resident, else runtime.sampling.accept."""
         self.target, self.cache, self.drafter = target, cache, drafter
         self.max_seq_len, self.eos = max_seq_len, frozenset(eos_ids)
         self.kv_window, self.prefill_chunk, self.on_step = kv_window, prefill_chunk, on_step
         self.device = next(target.parameters()).device
+        self.resident = not devices.on_host(self.device) if resident is None else resident
         self.rows: list[Request] = []
         """The decoding requests; row b of the cache is rows[b]'s."""
         self.prefilling: list[Request] = []
@@ -183,7 +189,8 @@ class Engine:
             for lo in range(req.prefilled, req.prefilled + n, chunk):
                 part = req.tokens[lo:min(lo + chunk, req.prefilled + n)]
                 block = Block.causal(lo, len(part), 1, self._kv_len(lo + len(part)), device=self.device)
-                self.target.hidden(torch.tensor([part], device=self.device), block.positions, view, block, num_rows=0)
+                self.target.hidden(to_device(torch.tensor([part]), self.device), block.positions, view, block,
+                                   num_rows=0)
             req.prefilled += n
             if req.prefilled == req.L:
                 self.prefilling.pop(0)
@@ -231,20 +238,26 @@ class Engine:
         block = Block.tree(torch.tensor(lengths), tree, self._kv_len(max(lengths) + tree.T), device=self.device)
         if self.shapes is not None:
             self.shapes.append((B, tree.T, block.S))
-        args = (tree.tokens.to(self.device), block.positions, self.cache.view_rows(0, B), block)
-        if self.verify_head == "path" and tree.T > 1:
+        tokens = to_device(tree.tokens, self.device)
+        args = (tokens, block.positions, self.cache.view_rows(0, B), block)
+        greedy = all(r.sampling.greedy for r in rows)
+        resident = self.resident and greedy
+        if self.verify_head == "path" and tree.T > 1 and not resident:
             logits = NodeLogits(self.target.hidden(*args), self.target.logits)
         else:
-            logits = self.target(*args).cpu()
-        fast = None
-        if self.acceptor is not None and isinstance(logits, torch.Tensor) and all(r.sampling.greedy for r in rows):
-            fast = self.acceptor(tree, logits)
-        paths, nxt = fast if fast is not None else accept(tree, logits, [r.sampling for r in rows],
-                                                           [r.verify_gen for r in rows])
+            logits = self.target(*args)
+            if not resident:
+                logits = logits.cpu()
+        accepted = self._accept_packed(tree, tokens, logits) if greedy and isinstance(logits, torch.Tensor) else None
+        if accepted is None:
+            logits = logits.cpu() if isinstance(logits, torch.Tensor) else logits
+            paths, nxt = accept(tree, logits, [r.sampling for r in rows], [r.verify_gen for r in rows])
+            toks = tree.tokens.tolist()
+        else:
+            paths, nxt, toks = accepted
         t2 = time.perf_counter()
         self.cache.commit(lengths, paths)
         done = []
-        toks = tree.tokens.tolist()
         for b, r in enumerate(rows):
             path = paths[b]
             res = r.result
@@ -273,6 +286,25 @@ class Engine:
         for r in done:
             self._finish(r)
         return done
+
+    def _accept_packed(self, tree, tokens: torch.Tensor, logits: torch.Tensor):
+        """Greedy acceptance of an all-greedy batch as one packed tensor, read by the host together with the tree's
+        tokens: the step's one synchronisation on a device. -> (paths, next tokens, tokens [B][T]), or None where
+        neither the artifact's program nor the resident fused walk applies, or a row met non-finite logits (the
+        host walk then raises for it: runtime.sampling.NumericsError)."""
+        packed = self.acceptor(tree, logits) if self.acceptor is not None else None
+        if packed is None and self.resident:
+            from codegen import ops  # noqa: F401  (registers torch.ops.spec: the Triton walk on CUDA)
+            packed = torch.ops.spec.fused_accept(logits, to_device(tree.parents, self.device), tokens, tree.T - 1,
+                                                 None)
+        if packed is None:
+            return None
+        host = to_host(torch.cat([packed, tokens], 1)).tolist()  # [B, (T + 2) + T]
+        T = tree.T
+        paths, nxt = [r[:r[T]] for r in host], [r[T + 1] for r in host]
+        if min(nxt) < 0:
+            return None
+        return paths, nxt, [r[T + 2:] for r in host]
 
     def _finish(self, req: Request) -> None:
         """req leaves; the last row moves into its row."""

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from runtime.batch import PAD, Block, TreeBatch
+from runtime.device import on_host, to_device
 from runtime.models.llama import KVCache
 from runtime.sampling import ChildKind
 from runtime.tree_policies import DynamicTree, Policy
@@ -72,6 +73,9 @@ class ModelDrafter:
         self.s2t = s2t.cpu() if s2t is not None else None
         self.policy = policy
         self.buckets = tree_buckets(topology.n if policy is None else policy.max_nodes)
+        self.resident = not on_host(self.device)
+        """Top-b static trees keep their tokens on the device (`_propose_resident`; on the CPU a test sets it to
+        run the same path)."""
         self.catch_up_limit = topology.max_depth if policy is None else policy.max_depth
         """Tokens behind the root a row may be and still catch up in the batched forward: a step commits at most
         the deepest tree verified (this drafter's; a fusion with retrieval raises it to its own), so a longer gap
@@ -101,7 +105,7 @@ class ModelDrafter:
         lo, hi = self.cached[slot], len(tokens) - 1
         if hi > lo:
             block = Block.causal(lo, hi - lo, 1, self._kv_len(hi), device=self.device)
-            self.model.hidden(torch.tensor([tokens[lo:hi]], device=self.device), block.positions,
+            self.model.hidden(to_device(torch.tensor([tokens[lo:hi]]), self.device), block.positions,
                               self.cache.view_rows(slot, slot + 1), block, num_rows=0)
             self.cached[slot] = hi
 
@@ -113,8 +117,10 @@ class ModelDrafter:
         """The same model and tree with a cache of `rows` rows (like this one's: same slots and scratch)."""
         cache = self.model.new_cache(rows, self.cache.capacity, **(
             {"num_scratch": self.cache.num_scratch} if hasattr(self.cache, "num_scratch") else {}))
-        return ModelDrafter(self.model, self.topology, self.cache.capacity, self.kind, self.temperature, self.vocab,
-                            rows, self.s2t, self.kv_window, cache, self.policy)
+        out = ModelDrafter(self.model, self.topology, self.cache.capacity, self.kind, self.temperature, self.vocab,
+                           rows, self.s2t, self.kv_window, cache, self.policy)
+        out.resident = self.resident
+        return out
 
     # ---- drafting ------------------------------------------------------------------------------------
     def _probs(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
@@ -148,7 +154,7 @@ class ModelDrafter:
         if B == 1 and isinstance(self.cache, KVCache):  # attention only: a causal block is the same arithmetic
             n = len(news[0])
             block = Block.causal(cached[0], n, 1, self._kv_len(cached[0] + n), device=self.device)
-            h = self.model.hidden(torch.tensor(news, device=self.device), block.positions, view, block, num_rows=1)
+            h = self.model.hidden(to_device(torch.tensor(news), self.device), block.positions, view, block, num_rows=1)
             self.cached[rows[0].slot] = len(rows[0].tokens)
             return self.model.logits(h[:, 0])
         # Chains padded to the longest, committed up to each row's root. An SSM model takes this path at batch 1
@@ -158,8 +164,8 @@ class ModelDrafter:
         provs = [[Provenance.root] + [Provenance.topk] * (len(x) - 1) for x in news]
         chains = TreeBatch.build(topos, news, provs, T)
         block = Block.tree(torch.tensor(cached), chains, self._kv_len(max(cached) + T), device=self.device)
-        h = self.model.hidden(chains.tokens.to(self.device), block.positions, view, block)  # [B, T, E]
-        last = torch.tensor([len(x) - 1 for x in news], device=self.device)
+        h = self.model.hidden(to_device(chains.tokens, self.device), block.positions, view, block)  # [B, T, E]
+        last = to_device(torch.tensor([len(x) - 1 for x in news]), self.device)
         logits = self.model.logits(h[torch.arange(B, device=self.device), last])
         self.cache.commit(cached, [list(range(len(x))) for x in news])
         for r in rows:
@@ -230,6 +236,8 @@ class ModelDrafter:
         # Sampled children need the distribution they came from (the verifier's proposal); top-b children
         # need only the ranking, so they skip the fp64 softmax over the vocabulary.
         sampled = self.kind is not ChildKind.deterministic
+        if self.resident and not sampled and max(map(len, topo.children)) <= logits.shape[-1]:
+            return self._propose_resident(rows, max_depth, topo, depth, logits, cached, toks, keep, full)
         probs = torch.zeros(B, n, self.vocab, dtype=torch.float64) if sampled else None
         view = self.cache.view_rows(0, B)
         for d, level in enumerate(topo.levels[:-1]):
@@ -278,6 +286,66 @@ class ModelDrafter:
             for b, kept in enumerate(kept_rows):
                 dp[b, :len(kept)] = probs[b, kept]
         return TreeBatch.build(subs, sub_toks, sub_provs, T, dp)
+
+    def _level_index(self, topo: TreeTopology, d: int):
+        """(child ids, parent's index in level d, rank among its siblings) of level d + 1's nodes as device
+        tensors, and the top-k width level d needs (cached per topology: a static tree asks for the same ones
+        every step)."""
+        cache = topo.__dict__.setdefault("_level_index", {})
+        key = (d, str(self.device))
+        if key not in cache:
+            cids, js, ranks = [], [], []
+            for j, node in enumerate(topo.levels[d]):
+                for r, c in enumerate(topo.children[node]):
+                    cids.append(c)
+                    js.append(j)
+                    ranks.append(r)
+            width = max(ranks, default=-1) + 1
+            cache[key] = tuple(to_device(torch.tensor(x, dtype=torch.long), self.device) for x in (cids, js, ranks)) \
+                + (width,)
+        return cache[key]
+
+    def _propose_resident(self, rows: Sequence, max_depth: Sequence[int], topo: TreeTopology, depth: int,
+                          logits: torch.Tensor, cached: torch.Tensor, toks: torch.Tensor, keep: list, full: TreeBatch):
+        """`propose` for top-b children with the tokens kept on the device: each level's top-b columns are scattered
+        into the level's child slots by index and fed to the next level's forward, nothing read on the host (a
+        GPU step then synchronises once, when the engine reads the accepted tokens). The same children as the
+        host walk: top-b needs no sampler, so rows whose budget ends above a level are drafted there too and
+        cut afterwards (a truncated level-ordered tree keeps a prefix of the node ids)."""
+        B, n = toks.shape
+        dev = self.device
+        if self.s2t is not None and getattr(self, "_s2t_dev", None) is None:
+            self._s2t_dev = to_device(self.s2t, dev)
+        toks_dev = to_device(toks, dev)
+        view = self.cache.view_rows(0, B)
+        for d, level in enumerate(topo.levels[:-1]):
+            cids, js, ranks, width = self._level_index(topo, d)
+            top = torch.topk(logits, width, dim=-1).indices  # [B, m, width] columns
+            if self.s2t is not None:
+                top = self._s2t_dev[top]
+            toks_dev[:, cids] = top[:, js, ranks]
+            for b in range(B):
+                if d < max_depth[b]:
+                    for node in level:
+                        for c in topo.children[node]:
+                            keep[b][c] = True
+            if d + 1 == len(topo.levels) - 1:
+                break
+            lo, hi = topo.levels[d + 1][0], topo.levels[d + 1][-1] + 1
+            block = Block.tree(cached, full, self._kv_len(int(cached.max()) + hi - 1), lo, hi, base=cached - 1,
+                               device=dev)
+            logits = self.model(toks_dev[:, lo:hi], block.positions, view, block)  # [B, hi-lo, Vd]
+        if depth == self.topology.max_depth and all(m >= depth for m in max_depth):
+            full.tokens = toks_dev
+            return full
+        subs = [topo if m >= depth else topo.truncate(max(0, m)) for m in max_depth]
+        T = bucket_for(self.buckets, max(s.n for s in subs))
+        tree = TreeBatch.build(subs, [[0] * s.n for s in subs], [[Provenance.root] + [self.prov] * (s.n - 1)
+                                                                  for s in subs], T)
+        if T > n:
+            toks_dev = torch.nn.functional.pad(toks_dev, (0, T - n))
+        tree.tokens = toks_dev[:, :T] * to_device(tree.valid, dev)  # 0 at padding, as TreeBatch.build writes
+        return tree
 
     def _propose_grown(self, rows: Sequence, max_depth: Sequence[int]) -> TreeBatch:
         """Trees grown at run time by `self.policy` (runtime.tree_policies): rounds of (feed the last round's

@@ -148,13 +148,6 @@ def accept_key(B: int, T: int) -> PhaseKey:
     return PhaseKey("acceptance", "greedy", False, B, T, None, 1)
 
 
-def unpack_accept(packed: Tensor) -> tuple[list[list[int]], list[int]]:
-    """AcceptPhase's packed result -> (accepted path per row, next token per row), as `accept_greedy` gives."""
-    rows = packed.tolist()
-    D = packed.shape[1] - 3
-    return [r[:r[D + 1]] for r in rows], [r[D + 2] for r in rows]
-
-
 def intercept(model: nn.Module, role: str, on_call) -> Callable[[], None]:
     """Route `model.hidden` and `model(...)` (its forward) through `on_call(key, run, inputs, cache, call)` where
     key is the call's PhaseKey (T given), run() the model's own method, inputs the phase inputs and call the

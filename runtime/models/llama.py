@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from runtime.models.init import init_random_weights, perturbed_copy  # noqa: F401  (perturbed_copy: re-exported)
 
+from runtime.device import to_device
 from runtime import batch as fwd  # fwd.Block: one forward's slots and mask (not the decoder Block below)
 from runtime.models.norm import RMSNorm
 from spec_compiler.arch import LlamaConfig
@@ -139,8 +140,7 @@ class KVCache:
                     dst.append(L + j)
         if not rows:
             return  # a chain's accepted path, or a path through every first child
-        dev = self.k.device
-        rows, src, dst = (torch.tensor(x, device=dev) for x in (rows, src, dst))
+        rows, src, dst = (to_device(torch.tensor(x), self.k.device) for x in (rows, src, dst))
         # Indexing gathers into a new tensor first, so overlapping source and target are safe.
         self.k[:, rows, :, dst] = self.k[:, rows, :, src]
         self.v[:, rows, :, dst] = self.v[:, rows, :, src]

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from runtime.batch import Block
+from runtime.device import to_device
 from runtime.models.llama import KVCache
 
 
@@ -117,8 +118,8 @@ class SSMCache:
         the B x T tokens (a few host reads for the checks and the choice of path)."""
         B, T = block.slots.shape
         lengths = block.lengths
-        flags = self.host_flags
-        if flags is not None:  # host facts given (a traced phase): no data-dependent reads, no checks
+        flags = self.host_flags if self.host_flags is not None else block.host_facts
+        if flags is not None:  # host facts given (a traced phase, a block built on the host): no device reads
             return self._plan_given(block, *flags)
         if block.advance:
             if block.start is not None:
@@ -174,13 +175,9 @@ class SSMCache:
     phase (runtime/phases.py) sets them on its cache view, from `facts(block)` taken on the host at dispatch."""
 
     def facts(self, block: Block) -> tuple[bool, bool]:
-        """The two host facts `plan` branches on (see host_flags)."""
-        fresh = bool((block.lengths == 0).any())
-        if block.advance:
-            return fresh, False
-        anc = block.anc if block.anc is not None else _ancestors(block.slots, block.parent_slots)
-        root = anc.to(torch.uint8).argmax(-1)
-        return fresh, bool((block.parent_slots.gather(1, root) >= block.lengths[:, None]).any())
+        """The two host facts `plan` branches on (see host_flags): the block's own (`Block.host_facts`) when it was
+        built on the host, else read from its tensors."""
+        return block.host_facts if block.host_facts is not None else block_facts(block)
 
     def _plan_given(self, block: Block, any_fresh: bool, scratch_roots: bool) -> ForwardPlan:
         """`plan` with its host facts given: the same tensors, computed without a host read."""
@@ -226,11 +223,24 @@ class SSMCache:
         B = len(paths)  # rows 0..B-1 (the engine's active rows come first)
         assert len(lengths) == B <= self.rows, (len(paths), len(lengths), self.rows)
         rows = torch.arange(B, device=self.ssm.device)
-        last = torch.tensor([p[-1] for p in paths], device=self.ssm.device)
+        last = to_device(torch.tensor([p[-1] for p in paths]), self.ssm.device)
         self.ssm[:, :B] = self.scratch_ssm[:, rows, last]
         self.conv[:, :B] = self.scratch_conv[:, rows, last]
         if self.kv is not None:
             self.kv.commit(lengths, paths)
+
+
+def block_facts(block: Block) -> tuple[bool, bool]:
+    """(some row has L_b = 0, some block root continues from scratch): what `SSMCache.plan` branches on, read from
+    the block's tensors (host reads when they are on a device: take them from the host copy, `Block.to`)."""
+    if block.advance and block.start is not None:  # every row continues from slot `start`: nothing to read
+        return block.start == 0, False
+    fresh = bool((block.lengths == 0).any())
+    if block.advance:
+        return fresh, False
+    anc = block.anc if block.anc is not None else _ancestors(block.slots, block.parent_slots)
+    root = anc.to(torch.uint8).argmax(-1)
+    return fresh, bool((block.parent_slots.gather(1, root) >= block.lengths[:, None]).any())
 
 
 def _ancestors(slots: Tensor, parent_slots: Tensor) -> Tensor:
