@@ -26,14 +26,17 @@ keeps its data on the device and reads one small tensor:
   facts taken from the host copy;
 - a top-b static tree's drafter keeps its tokens on the device (`ModelDrafter._propose_resident`: each
   level's top-b columns scattered into the child slots by index and fed to the next level's forward);
-- all-greedy batches accept on the device (`spec::fused_accept`, the Triton walk, or the artifact's
-  acceptance program), and the host reads the packed result and the tree's tokens in one copy
-  (`Engine._accept_packed`, `runtime.device.to_host`); KV compaction indices and the SSM commit are sent.
-So a greedy step with a model drafter, prompt lookup or none synchronises once
-(tests/runtime/test_host_sync.py checks it on the CPU against a simulated device). Still reading per level
-or per round: sampled children (their distributions go to the host sampler: one read per level plus the
-verify logits), sampled acceptance (the host walk reads the logits), grown trees (dynamic / beam: each
-round's choice is made on the host) and RASD pruning (the draft scores of the retrieved candidates).
+- the batch accepts on the device (`spec::fused_accept`, the Triton walk, or for all-greedy batches the
+  artifact's acceptance program): greedy rows by argmax, sampled rows with deterministic children (top-b,
+  retrieved) by sample-match on log q with Gumbel noise from the request's device generator (the same law as
+  rejection sampling with delta proposals); the host reads the packed result and the tree's tokens in one
+  copy (`Engine._accept_packed`, `runtime.device.to_host`); KV compaction indices and the SSM commit are sent.
+So a step with a model drafter of top-b children, prompt lookup or none synchronises once, greedy or sampled
+(tests/runtime/test_host_sync.py checks it on the CPU against a simulated device,
+tests/gpu/test_host_sync_cuda.py with torch's sync detector). Still reading per level or per round: sampled
+children (i.i.d. / without replacement: their distributions go to the host sampler, and the verifier needs
+them), grown trees (dynamic / beam: each round's choice is made on the host) and RASD pruning (the draft
+scores of the retrieved candidates).
 """
 from __future__ import annotations
 

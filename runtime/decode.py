@@ -30,7 +30,7 @@ import torch
 from runtime.batch import Block
 from runtime import device as devices
 from runtime.device import to_device, to_host
-from runtime.sampling import NodeLogits, SamplingParams, TorchDraftSampler, accept
+from runtime.sampling import AcceptanceRule, NodeLogits, SamplingParams, TorchDraftSampler, accept, target_probs
 from spec_compiler.errors import InputError
 
 
@@ -100,6 +100,9 @@ class Request:
     t_start: float = 0.0
     prefilled: int = 0
     """Prompt tokens whose KV / state is in the cache while the request waits in `Engine.prefilling`."""
+    device_gen: Optional[torch.Generator] = None
+    """The resident step's acceptance noise generator on the device (`Engine._accept_packed`), seeded from
+    verify_gen when first needed."""
 
     @property
     def emitted(self) -> int:
@@ -164,6 +167,7 @@ class Engine:
         req.prefilled = 0
         req.result = DecodeResult([])
         req.sampler = TorchDraftSampler(req.draft_gen)
+        req.device_gen = None
         self.prefilling.append(req)
 
     def add(self, req: Request) -> None:
@@ -241,14 +245,15 @@ class Engine:
         tokens = to_device(tree.tokens, self.device)
         args = (tokens, block.positions, self.cache.view_rows(0, B), block)
         greedy = all(r.sampling.greedy for r in rows)
-        resident = self.resident and greedy
+        resident = self.resident and self._fusable(tree, rows)
         if self.verify_head == "path" and tree.T > 1 and not resident:
             logits = NodeLogits(self.target.hidden(*args), self.target.logits)
         else:
             logits = self.target(*args)
             if not resident:
                 logits = logits.cpu()
-        accepted = self._accept_packed(tree, tokens, logits) if greedy and isinstance(logits, torch.Tensor) else None
+        accepted = self._accept_packed(tree, tokens, logits, rows) if (greedy or resident) \
+            and isinstance(logits, torch.Tensor) else None
         if accepted is None:
             logits = logits.cpu() if isinstance(logits, torch.Tensor) else logits
             paths, nxt = accept(tree, logits, [r.sampling for r in rows], [r.verify_gen for r in rows])
@@ -287,20 +292,59 @@ class Engine:
             self._finish(r)
         return done
 
-    def _accept_packed(self, tree, tokens: torch.Tensor, logits: torch.Tensor):
-        """Greedy acceptance of an all-greedy batch as one packed tensor, read by the host together with the tree's
-        tokens: the step's one synchronisation on a device. -> (paths, next tokens, tokens [B][T]), or None where
-        neither the artifact's program nor the resident fused walk applies, or a row met non-finite logits (the
-        host walk then raises for it: runtime.sampling.NumericsError)."""
-        packed = self.acceptor(tree, logits) if self.acceptor is not None else None
-        if packed is None and self.resident:
-            from codegen import ops  # noqa: F401  (registers torch.ops.spec: the Triton walk on CUDA)
-            packed = torch.ops.spec.fused_accept(logits, to_device(tree.parents, self.device), tokens, tree.T - 1,
-                                                 None)
+    @staticmethod
+    def _fusable(tree, rows) -> bool:
+        """Whether the fused device walk accepts this batch exactly: greedy rows, and sampled rows whose tree has
+        only deterministic children (top-b, retrieved: no `draft_probs`) under the auto or sample-match rule. For
+        a deterministic child, recursive rejection sampling with its delta proposal and sample-match (draw y ~ q
+        at the node, follow the child whose token is y) have the same law (codegen/fused_accept.py)."""
+        if all(r.sampling.greedy for r in rows):
+            return True
+        return tree.draft_probs is None and all(
+            r.sampling.greedy or r.sampling.acceptance in (AcceptanceRule.auto, AcceptanceRule.sample_match)
+            for r in rows)
+
+    def _accept_packed(self, tree, tokens: torch.Tensor, logits: torch.Tensor, rows):
+        """Acceptance as one packed tensor [B, T + 2] (path nodes, length, next token), read by the host together
+        with the tree's tokens: the step's one synchronisation on a device. All-greedy batches: the artifact's
+        acceptance program or the fused greedy walk; with sampled rows (resident, `_fusable`): the fused walk in
+        sample-match mode, scores = log q of each sampled row (temperature, top-k, top-p on the device) and Gumbel
+        noise from the request's own device generator (seeded once from its verify generator, so a request
+        samples the same alone or in any batch), zero noise and raw logits for greedy rows.
+        -> (paths, next tokens, tokens [B][T]), or None where no fused walk applies, or a row met non-finite
+        scores (the host walk then raises for it: runtime.sampling.NumericsError)."""
+        from codegen import ops  # noqa: F401  (registers torch.ops.spec: the Triton walk on CUDA)
+        T = tree.T
+        if all(r.sampling.greedy for r in rows):
+            packed = self.acceptor(tree, logits) if self.acceptor is not None else None
+            if packed is None and self.resident:
+                packed = torch.ops.spec.fused_accept(logits, to_device(tree.parents, self.device), tokens, T - 1, None)
+        elif self.resident:
+            scores, noise = [], []
+            for b, r in enumerate(rows):
+                if r.sampling.greedy:
+                    scores.append(logits[b])
+                    noise.append(torch.zeros(T, logits.shape[-1], device=logits.device))
+                    continue
+                sp = r.sampling
+                q = target_probs(logits[b], sp.temperature, sp.top_k, sp.top_p, check=False)  # [T, V] float64
+                scores.append(q.log().float())  # -inf outside the support
+                if r.device_gen is None:
+                    r.device_gen = torch.Generator(device=logits.device).manual_seed(
+                        int(torch.randint(0, 2 ** 63 - 1, (), generator=r.verify_gen)))
+                # noise for this row's own walk (its tree's depth + 1 draws), not the batch's bucket: what a request
+                # consumes from its generator must not depend on the other rows
+                steps = tree.topologies[b].max_depth + 1
+                u = torch.rand(steps, logits.shape[-1], generator=r.device_gen, device=logits.device)
+                g = -torch.log(-torch.log(u.clamp_(min=1e-20)))  # Gumbel(0, 1), finite
+                noise.append(torch.nn.functional.pad(g, (0, 0, 0, T - steps)))
+            packed = torch.ops.spec.fused_accept(torch.stack(scores), to_device(tree.parents, self.device), tokens,
+                                                 T - 1, torch.stack(noise))
+        else:
+            packed = None
         if packed is None:
             return None
         host = to_host(torch.cat([packed, tokens], 1)).tolist()  # [B, (T + 2) + T]
-        T = tree.T
         paths, nxt = [r[:r[T]] for r in host], [r[T + 1] for r in host]
         if min(nxt) < 0:
             return None

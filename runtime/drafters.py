@@ -289,10 +289,10 @@ class ModelDrafter:
 
     def _level_index(self, topo: TreeTopology, d: int):
         """(child ids, parent's index in level d, rank among its siblings) of level d + 1's nodes as device
-        tensors, and the top-k width level d needs (cached per topology: a static tree asks for the same ones
-        every step)."""
-        cache = topo.__dict__.setdefault("_level_index", {})
-        key = (d, str(self.device))
+        tensors, and the top-k width level d needs (cached per drafter and topology: a static tree asks for the
+        same ones every step)."""
+        cache = self.__dict__.setdefault("_level_cache", {})
+        key = (topo.parents, d)
         if key not in cache:
             cids, js, ranks = [], [], []
             for j, node in enumerate(topo.levels[d]):

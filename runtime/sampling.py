@@ -68,16 +68,18 @@ class SamplingParams:
 # ---------------------------------------------------------------------------------------------------
 # target distribution
 # ---------------------------------------------------------------------------------------------------
-def target_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+def target_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, check: bool = True) -> Tensor:
     """logits [..., V] -> q [..., V] float64 after temperature, top-k (0 = off), top-p (1.0 = off).
 
     Top-k keeps ties at the k-th value out; top-p keeps the smallest prefix of the sorted
     distribution whose mass reaches top_p (always at least one token), as HF's TopPLogitsWarper.
+    check=False skips the finiteness check (a host read; the device acceptance flags non-finite rows itself).
     """
     if temperature <= 0:
         raise ValueError("target_probs needs temperature > 0; greedy uses argmax")
     x = logits.to(torch.float64)
-    check_finite(x)
+    if check:
+        check_finite(x)
     x = x / temperature
     if top_k and top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]

@@ -8,10 +8,12 @@ parameters and buffers, caches, factory outputs given a `device=`, everything co
 `runtime.device.to_device` sends) and records each of the three events on a marked tensor. The engine's
 transfers go through `to_device` (counted as sends, free) and `to_host` (counted: the one allowed read).
 
-Checked for the paths a GPU step takes with greedy requests (the resident drafter and the fused acceptance):
-Llama, Mamba2 and hybrid targets x the autoregressive step, a chain and a static tree from a model drafter, batch 1
-and 3 with ragged lengths. Each step has exactly one read (`to_host` of the packed acceptance and the tokens),
-no blocking transfer and no mixed op; the outputs equal the host path's. Prefill (when a request joins) is
+Checked for the paths a GPU step takes (the resident drafter and the fused acceptance): Llama, Mamba2 and hybrid
+targets x the autoregressive step, a chain and a static tree of top-b children from a model drafter, batch 1 and
+3 with ragged lengths, greedy and sampled rows (temperature, top-k, top-p; one batch mixes greedy and sampled).
+Each step has exactly one read (`to_host` of the packed acceptance and the tokens), no blocking transfer and no
+mixed op; greedy outputs equal the host path's, sampled ones each request's alone-run (same seeds). The law of
+the resident sampled path is checked in tests/runtime/test_sampling_e2e.py (resident_* cases). Prefill (when a request joins) is
 outside the count: it happens once per request, not per step.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ import runtime.device
 import runtime.drafters
 import runtime.models.llama
 import runtime.models.ssm_cache
-from runtime.decode import Engine, Request
+from runtime.decode import Engine, Request, SamplingParams
 from runtime.drafters import ModelDrafter, NoDrafter
 from runtime.models import mamba2
 from runtime.sampling import ChildKind
@@ -149,40 +151,54 @@ def _engine(arch: str, drafter_kind: str, topo: TreeTopology, rows: int):
     return eng, target, cache, drafter
 
 
+SAMPLED = [SamplingParams(1.0), SamplingParams(0.8, top_k=5, top_p=0.9), SamplingParams()]
+
+
+def _requests(ps, budgets, sampling):
+    sps = [SamplingParams()] * len(ps) if sampling == "greedy" else SAMPLED[:len(ps)]
+    return [Request(list(p), n, sp, torch.Generator().manual_seed(2 * i), torch.Generator().manual_seed(2 * i + 1))
+            for i, (p, n, sp) in enumerate(zip(ps, budgets, sps))]
+
+
 @pytest.mark.parametrize("arch", ["llama", "mamba2", "hybrid"])
 @pytest.mark.parametrize("drafter_kind,tree", [("none", "root"), ("noisy_copy", "chain3"), ("noisy_copy", "static21")])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_one_host_read_per_step(arch, drafter_kind, tree, rows, monkeypatch):
+@pytest.mark.parametrize("sampling", ["greedy", "sampled"])
+def test_one_host_read_per_step(arch, drafter_kind, tree, rows, sampling, monkeypatch):
     topo = {"root": TreeTopology.chain(0), "chain3": TreeTopology.chain(3),
             "static21": TreeTopology.static([2, 1])}[tree]
     ps = prompts()[:rows]
     budgets = [14, 9, 11][:rows]
-    # the reference: the host path (logits read, host walk), same models
-    ref_eng, *_ = _engine(arch, drafter_kind, topo, rows)
-    ref_eng.resident = False
-    if isinstance(ref_eng.drafter, ModelDrafter):
-        ref_eng.drafter.resident = False
-    ref = ref_eng.generate([Request(list(p), n) for p, n in zip(ps, budgets)])
+    if sampling == "greedy":  # the reference: the host path (logits read, host walk), same models
+        ref_eng, *_ = _engine(arch, drafter_kind, topo, rows)
+        ref_eng.resident = False
+        if isinstance(ref_eng.drafter, ModelDrafter):
+            ref_eng.drafter.resident = False
+        ref = [r.output_ids for r in ref_eng.generate(_requests(ps, budgets, sampling))]
+    else:  # sampled rows draw their own noise: each request alone gives the same tokens as in the batch
+        ref = []
+        for i in range(rows):
+            alone, *_ = _engine(arch, drafter_kind, topo, 1)
+            ref.append(alone.generate([_requests(ps, budgets, sampling)[i]])[0].output_ids)
 
     eng, target, cache, drafter = _engine(arch, drafter_kind, topo, rows)
     sim = SimulatedDevice()
     sim.mark(target, cache, getattr(drafter, "model", None), getattr(drafter, "cache", None))
-    reqs = [Request(list(p), n) for p, n in zip(ps, budgets)]
+    reqs = _requests(ps, budgets, sampling)
     with sim.patched(monkeypatch), sim:
         for r in reqs:
             eng.add(r)
         sim.events.clear()
-        steps, per_step = 0, []
+        per_step = []
         while eng.rows:
             before = len(sim.events)
             eng.step()
-            steps += 1
             per_step.append(sim.events[before:])
     bad = [e for s in per_step for e in s if e[0] != "to_host"]
     assert not bad, f"host synchronisations besides the one read: {bad[:8]}"
     assert all(sum(e[0] == "to_host" for e in s) == 1 for s in per_step), [len(s) for s in per_step]
     assert sim.sends > 0
-    assert [r.result.output_ids for r in reqs] == [r.output_ids for r in ref]
+    assert [r.result.output_ids for r in reqs] == ref
     if drafter_kind != "none":
         assert sum(map(sum, (r.result.accept_lengths for r in reqs))) > sum(len(r.result.accept_lengths)
                                                                             for r in reqs)  # drafts were accepted

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from runtime.decode import SamplingParams, decode
+from runtime.decode import Engine, Request, SamplingParams
 from runtime.drafters import ModelDrafter
 from runtime.lookup import PromptLookupDrafter
 from runtime.models.llama import LlamaConfig, init_random, perturbed_copy
@@ -48,6 +48,12 @@ CASES = {
     "static_wor_sample_match": (TreeTopology.static([2, 1]), ChildKind.wor,
                                 SamplingParams(1.0, acceptance=AcceptanceRule.sample_match)),
     "prompt_lookup": (TreeTopology.static([2, 2]), ChildKind.deterministic, SamplingParams(1.0)),
+    # the resident step (a GPU's default): fused sample-match walk on log q + Gumbel noise from a device generator
+    "resident_static_topk_children_top_p": (TreeTopology.static([2, 1]), ChildKind.deterministic,
+                                            SamplingParams(1.3, top_p=0.8)),
+    "resident_chain_topk_children_top_k": (TreeTopology.chain(3), ChildKind.deterministic,
+                                           SamplingParams(0.8, top_k=3)),
+    "resident_prompt_lookup": (TreeTopology.static([2, 2]), ChildKind.deterministic, SamplingParams(1.0)),
 }
 
 
@@ -55,17 +61,19 @@ CASES = {
 def test_two_token_joint_matches_target(models, case):
     target, draft = models
     topo, kind, sp = CASES[case]
-    if case == "prompt_lookup":
+    resident = case.startswith("resident_")
+    if case.endswith("prompt_lookup"):
         drafter = PromptLookupDrafter(topo, 1, 2, 4, rows=1)
     else:
         drafter = ModelDrafter(draft, topo, 16 + topo.n, kind, 0.9, V)
+        drafter.resident = resident
     cache = target.new_cache(1, 16 + topo.n)
+    engine = Engine(target, cache, drafter, max_seq_len=16, resident=resident)
     g_draft, g_verify = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     counts = torch.zeros(V, V)
     taus = []
     for _ in range(N):
-        r = decode(target, cache, drafter, PROMPT, max_new_tokens=2, max_seq_len=16, sampling=sp,
-                   draft_gen=g_draft, verify_gen=g_verify)
+        r = engine.generate([Request(list(PROMPT), 2, sp, g_draft, g_verify)])[0]
         counts[r.output_ids[0], r.output_ids[1]] += 1
         taus.append(r.accept_lengths[0])
     expected = exact_joint(target, sp) * N
