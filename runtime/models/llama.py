@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from runtime.models.init import init_random_weights, perturbed_copy  # noqa: F401  (perturbed_copy: re-exported)
 
-from runtime.device import to_device
+from runtime.device import on_host, to_device
 from runtime import batch as fwd  # fwd.Block: one forward's slots and mask (not the decoder Block below)
 from runtime.models.norm import RMSNorm
 from spec_compiler.arch import LlamaConfig
@@ -130,7 +130,21 @@ class KVCache:
 
     def commit(self, lengths: list[int], paths: list[list[int]]) -> None:
         """Keep each row's accepted path: slot L_b + paths[b][j] moves to L_b + j (paths[b] ascending from 0,
-        the node offsets of a tree forward at slots L_b + i). Slots already in place are not touched."""
+        the node offsets of a tree forward at slots L_b + i). Slots already in place are not touched. On a
+        device: the `spec::kv_compact` kernel (Triton on CUDA: one launch for every layer, row and head, its
+        indices sent without a host synchronisation); on the host: one indexed copy per tensor."""
+        if all(p == list(range(len(p))) for p in paths):
+            return  # a chain's accepted path, or a path through every first child
+        if not on_host(self.k.device):
+            from codegen import ops  # noqa: F401  (registers torch.ops.spec)
+            M = max(map(len, paths))
+            src = torch.tensor([[L + x for x in p] + [L + p[-1]] * (M - len(p)) for L, p in zip(lengths, paths)])
+            num = torch.tensor([len(p) for p in paths])
+            dev = self.k.device
+            B = len(paths)  # rows 0..B-1: the engine's active rows come first
+            torch.ops.spec.kv_compact(self.k[:, :B], self.v[:, :B], to_device(src, dev), to_device(num, dev),
+                                      to_device(torch.tensor(lengths), dev))
+            return
         rows, src, dst = [], [], []
         for b, (L, path) in enumerate(zip(lengths, paths)):
             for j, node in enumerate(path):
