@@ -170,6 +170,10 @@ class Block:
     """When every row writes slots start..start+T-1 (a prefill, batch 1): attention writes a slice."""
     mask_full: bool = False
     """Every token may attend to every slot of the window (attention may skip the mask)."""
+    at_prefix: bool = False
+    """Token j of row b sits at slot lengths_b + j and `mask` is the prefix [0, L_b) plus its in-block ancestors
+    (`anc`): the tree-attention kernel's contract (codegen/tree_attention.py). True for `causal` and for `tree`
+    with base = lengths and lo = 0 (the verify forward); not for drafter levels or `tree_ranges`."""
 
     @property
     def B(self) -> int:
@@ -196,7 +200,7 @@ class Block:
                      mask[None].expand(B, T, S), lengths, advance=True,
                      anc=torch.ones(T, T, dtype=torch.bool, device=device).tril()[None].expand(B, T, T),
                      offsets=torch.arange(T, device=device)[None].expand(B, T), start=start,
-                     mask_full=T == 1 and S == start + 1)
+                     mask_full=T == 1 and S == start + 1, at_prefix=True)
 
     @staticmethod
     def _tree_one_row(L: int, base: int, tree: TreeBatch, kv_len: int, lo: int, hi: int) -> "Block":
@@ -213,6 +217,7 @@ class Block:
         if tree.B == 1 and lengths.device.type == "cpu" and (device is None or torch.device(device).type == "cpu"):
             L = int(lengths[0])
             return Block._tree_one_row(L, L if base is None else int(base[0]), tree, kv_len, lo, hi)
+        at_prefix = base is None and lo == 0
         lengths = lengths.to(device)
         base = lengths if base is None else base.to(device)
         B, T = tree.tokens.shape[0], hi - lo
@@ -228,7 +233,7 @@ class Block:
             window_mask(lengths, base, anc, kv_len)
         return Block(slots, base[:, None] + tree.depth[:, lo:hi].to(device), parent_slots, mask, lengths,
                      advance=False, anc=anc[:, :, lo:hi], offsets=slots - lengths[:, None], start=start,
-                     mask_full=full)
+                     mask_full=full, at_prefix=at_prefix)
 
 
     @staticmethod
@@ -266,7 +271,7 @@ def _tree_one_row_impl(L: int, base: int, tree: TreeBatch, kv_len: int, lo: int,
         here = torch.tensor([[L, L, L - 1]])
         return Block(here[:, 0:1], here[:, 1:2], here[:, 2:3], torch.ones(1, 1, kv_len, dtype=torch.bool),
                      here[0, 0:1], advance=False, anc=tree.anc[:, :1, :1], offsets=here[:, 0:1] - L, start=L,
-                     mask_full=True)
+                     mask_full=True, at_prefix=True)
     slots = torch.arange(base + lo, base + hi)[None]  # [1, T]
     parents = tree.parents[:, lo:hi]
     valid = tree.valid[:, lo:hi]
@@ -281,7 +286,8 @@ def _tree_one_row_impl(L: int, base: int, tree: TreeBatch, kv_len: int, lo: int,
         mask[:, :, base:base + hi] |= anc
     lengths = torch.tensor([L])
     return Block(slots, tree.depth[:, lo:hi] + base, parent_slots, mask, lengths, advance=False,
-                 anc=anc[:, :, lo:hi], offsets=slots - L, start=base + lo, mask_full=full)
+                 anc=anc[:, :, lo:hi], offsets=slots - L, start=base + lo, mask_full=full,
+                 at_prefix=base == L and lo == 0)
 
 
 def window_mask(lengths: Tensor, base: Tensor, anc: Tensor, kv_len: int) -> Tensor:

@@ -8,9 +8,12 @@ from spec_compiler.validate import Host
 
 
 def host() -> Host:
+    """This machine. mamba-ssm is probed (imported) on CUDA machines only: it cannot run elsewhere."""
     if not torch.cuda.is_available():
         return Host()
-    return Host(f"{torch.cuda.get_device_name()} sm{''.join(map(str, torch.cuda.get_device_capability()))}")
+    from runtime.models.mamba2 import mamba_chunk_scan
+    return Host(f"{torch.cuda.get_device_name()} sm{''.join(map(str, torch.cuda.get_device_capability()))}",
+                mamba_ssm=mamba_chunk_scan() is not None)
 
 
 def identity_device(device: str) -> dict:
