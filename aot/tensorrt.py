@@ -30,6 +30,7 @@ def compile_tensorrt(ep, inputs, path: Path) -> Path:
                           "use [eager, aoti]", "tensorrt") from None
     import codegen.ops  # noqa: F401  (the custom ops the program calls)
     trt = torch_tensorrt.dynamo.compile(ep, inputs=list(inputs), min_block_size=1,
-                                        torch_executed_ops={"torch.ops.spec.cached_attention.default"})
+                                        torch_executed_ops={"torch.ops.spec.cached_attention.default",
+                                                            "torch.ops.spec.tree_attention.default"})
     torch_tensorrt.save(trt, str(path), output_format="exported_program", inputs=list(inputs))
     return path

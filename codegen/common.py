@@ -5,11 +5,9 @@ import os
 
 import torch
 
+from spec_compiler.kernels import next_power_of_2  # noqa: F401  (one definition for the plan and the kernels)
+
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def interpreting() -> bool:

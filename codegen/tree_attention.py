@@ -13,9 +13,10 @@ Grouped-query heads are packed into the rows of one program (row r = g * T + t f
 hkv * GROUP + g), so each key/value block is loaded once per KV head rather than once per query head.
 Softmax is online, in fp32 and base 2; the output has q's dtype.
 
-Compile-time: head_dim, T (`TreeAttentionSpec`), dtype, block sizes. Run time: batch, the heads'
-ratio, and `prefix_len`, which is read from a device tensor [B] (one value per request, so ragged
-batches work and CUDA graphs can replay with new lengths without recompiling or re-capturing).
+Compile-time: head_dim, T (`TreeAttentionSpec`, in spec_compiler/kernels.py so the plan can name it), dtype,
+block sizes. Run time: batch, the heads' ratio, and `prefix_len`, which is read from a device tensor [B]
+(one value per request, so ragged batches work and CUDA graphs can replay with new lengths without
+recompiling or re-capturing).
 
 Shape legend: B batch, H query heads, Hkv key/value heads, GROUP = H // Hkv, T tree tokens,
 C cache capacity (slots), D head dim, W = ceil(T / 64) bitset words per row.
@@ -24,12 +25,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from codegen.common import next_power_of_2, interpreting as _interpreting, DTYPES, per_request as _per_request
+from spec_compiler.kernels import BITS_PER_WORD, TreeAttentionSpec  # noqa: F401  (re-exported: the plan's names)
 import torch.nn.functional as F
 
 try:  # Triton is an optional extra (`gpu`, `dev`): the Spec, the reference and the bitsets work without it
@@ -37,43 +38,6 @@ try:  # Triton is an optional extra (`gpu`, `dev`): the Spec, the reference and 
     import triton.language as tl
 except ImportError:  # pragma: no cover
     triton = tl = None
-
-BITS_PER_WORD = 64
-
-
-# ---------------------------------------------------------------------------------------------------
-# compile-time parameters
-# ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TreeAttentionSpec:
-    """Everything that selects a compiled tree-attention kernel; the plan lists one per (model, tree)."""
-
-    head_dim: int
-    """D, any size >= 1; padded internally to a power of two (>= 16, for tl.dot)."""
-    num_tree_tokens: int
-    """T, the tree's node count (constexpr NUM_TREE); the bitsets have ceil(T / 64) words per row."""
-    dtype: str
-    """"float16" | "bfloat16" | "float32": dtype of q and the cache (fp32 uses IEEE dots, no TF32)."""
-
-    def __post_init__(self):
-        assert self.head_dim >= 1 and self.num_tree_tokens >= 1, self
-        assert self.dtype in DTYPES.values(), f"dtype must be one of {sorted(DTYPES.values())}, got {self.dtype}"
-
-    @property
-    def block_d(self) -> int:
-        return max(16, next_power_of_2(self.head_dim))
-
-    @property
-    def num_words(self) -> int:
-        return -(-self.num_tree_tokens // BITS_PER_WORD)
-
-    @property
-    def name(self) -> str:
-        """Readable artifact name built only from compile-time parameters (FlashInfer style)."""
-        return f"tree_attention_d{self.head_dim}_t{self.num_tree_tokens}_{self.dtype}"
-
-    def constexprs(self) -> dict[str, int]:
-        return {"NUM_TREE": self.num_tree_tokens, "HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,6 +53,23 @@ def pack_bitsets(bitsets: Sequence[int], device=None) -> torch.Tensor:
     words = [[(int(row) >> (BITS_PER_WORD * w)) & (2**64 - 1) for w in range(W)] for row in bitsets]
     words = [[x - 2**64 if x >= 2**63 else x for x in row] for row in words]
     return torch.tensor(words, dtype=torch.int64, device=device).reshape(T, W)
+
+
+def anc_to_bitsets(anc: torch.Tensor) -> torch.Tensor:
+    """[..., T, T] bool ancestor mask -> [..., T, W] int64 words (`pack_bitsets`'s layout), on anc's device.
+
+    Tensor ops only: no value is read on the host, so a forward can pack its Block's `anc` inside a CUDA
+    graph or an exported program. Bit 63 is set by OR-ing the sign bit rather than summed in, so no sum
+    overflows.
+    """
+    T = anc.shape[-1]
+    W = -(-T // BITS_PER_WORD)
+    bits = F.pad(anc, (0, W * BITS_PER_WORD - T)).unflatten(-1, (W, BITS_PER_WORD))  # [..., T, W, 64]
+    weights = torch.ones(BITS_PER_WORD - 1, dtype=torch.int64, device=anc.device) << torch.arange(
+        BITS_PER_WORD - 1, device=anc.device)  # 2^0 .. 2^62
+    words = (bits[..., :-1].long() * weights).sum(-1)  # [..., T, W]: bits 0..62
+    sign = torch.full((), -2**63, dtype=torch.int64, device=anc.device)
+    return torch.where(bits[..., -1], words | sign, words)
 
 
 def bitsets_to_mask(bits: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from runtime import device as devices
+from runtime import transfer as devices
 from spec_compiler.tree import Provenance, TreeTopology
 
 PAD = int(Provenance.pad)
@@ -176,13 +176,16 @@ class Block:
     """(some row has L_b = 0, some block root continues from SSM scratch), taken from the host copy when the block
     was sent to a device (`to`): an SSM cache plans the forward from them instead of reading the device tensors
     (runtime.models.ssm_cache.SSMCache.plan; a read would synchronise). None: read them when needed."""
+    at_prefix: bool = False
+    """Token j of row b sits at slot lengths_b + j and `mask` is the prefix [0, L_b) plus its in-block ancestors
+    (`anc`): the tree-attention kernel's contract (codegen/tree_attention.py). True for `causal` and for `tree`
+    with base = lengths and lo = 0 (the verify forward); not for drafter levels or `tree_ranges`."""
 
     def to(self, device: Optional[torch.device]) -> "Block":
         """This host-built block on `device`: every tensor sent without a host synchronisation
-        (runtime.device.to_device), the SSM planning facts taken on the host first. The CPU: itself."""
+        (runtime.transfer.to_device), the SSM planning facts taken on the host first. The CPU: itself."""
         if device is None or devices.on_host(device):
             return self
-        from runtime.models.ssm_cache import block_facts
         moved = {f: devices.to_device(getattr(self, f), device) for f in _TENSOR_FIELDS if getattr(self, f) is not None}
         return dataclasses.replace(self, **moved, host_facts=block_facts(self))
 
@@ -211,7 +214,7 @@ class Block:
                      mask[None].expand(B, T, S), lengths, advance=True,
                      anc=torch.ones(T, T, dtype=torch.bool, device=device).tril()[None].expand(B, T, T),
                      offsets=torch.arange(T, device=device)[None].expand(B, T), start=start,
-                     mask_full=T == 1 and S == start + 1)
+                     mask_full=T == 1 and S == start + 1, at_prefix=True)
 
     @staticmethod
     def _tree_one_row(L: int, base: int, tree: TreeBatch, kv_len: int, lo: int, hi: int) -> "Block":
@@ -231,7 +234,8 @@ class Block:
         if tree.B == 1 and devices.on_host(dev):
             L = int(lengths[0])
             return Block._tree_one_row(L, L if base is None else int(base[0]), tree, kv_len, lo, hi)
-        # Built on the host from host tensors and sent to the device once (runtime.device.to_device: no sync)
+        at_prefix = base is None and lo == 0
+        # Built on the host from host tensors and sent to the device once (runtime.transfer.to_device: no sync)
         base = lengths if base is None else base
         B, T = tree.tokens.shape[0], hi - lo
         ids = torch.arange(lo, hi)
@@ -244,8 +248,10 @@ class Block:
         full = start is not None and T == 1 and lo == 0 and kv_len == start + 1  # the root alone sees every slot
         mask = torch.ones(B, T, kv_len, dtype=torch.bool) if full else window_mask(lengths, base, anc, kv_len)
         block = Block(slots, base[:, None] + tree.depth[:, lo:hi], parent_slots, mask, lengths, advance=False,
-                      anc=anc[:, :, lo:hi], offsets=slots - lengths[:, None], start=start, mask_full=full)
+                      anc=anc[:, :, lo:hi], offsets=slots - lengths[:, None], start=start, mask_full=full,
+                      at_prefix=at_prefix)
         return block.to(dev)
+
 
     @staticmethod
     def tree_ranges(lengths: Tensor, tree: TreeBatch, kv_len: int, lo: Tensor, T: int, base: Tensor,
@@ -282,7 +288,7 @@ def _tree_one_row_impl(L: int, base: int, tree: TreeBatch, kv_len: int, lo: int,
         here = torch.tensor([[L, L, L - 1]])
         return Block(here[:, 0:1], here[:, 1:2], here[:, 2:3], torch.ones(1, 1, kv_len, dtype=torch.bool),
                      here[0, 0:1], advance=False, anc=tree.anc[:, :1, :1], offsets=here[:, 0:1] - L, start=L,
-                     mask_full=True)
+                     mask_full=True, at_prefix=True)
     slots = torch.arange(base + lo, base + hi)[None]  # [1, T]
     parents = tree.parents[:, lo:hi]
     valid = tree.valid[:, lo:hi]
@@ -297,7 +303,8 @@ def _tree_one_row_impl(L: int, base: int, tree: TreeBatch, kv_len: int, lo: int,
         mask[:, :, base:base + hi] |= anc
     lengths = torch.tensor([L])
     return Block(slots, tree.depth[:, lo:hi] + base, parent_slots, mask, lengths, advance=False,
-                 anc=anc[:, :, lo:hi], offsets=slots - L, start=base + lo, mask_full=full)
+                 anc=anc[:, :, lo:hi], offsets=slots - L, start=base + lo, mask_full=full,
+                 at_prefix=base == L and lo == 0)
 
 
 def window_mask(lengths: Tensor, base: Tensor, anc: Tensor, kv_len: int) -> Tensor:
@@ -309,3 +316,27 @@ def window_mask(lengths: Tensor, base: Tensor, anc: Tensor, kv_len: int) -> Tens
     cols = (base[:, None] + torch.arange(n)[None])[:, None, :].expand(B, T, n)
     mask.scatter_(2, cols, anc | mask.gather(2, cols))  # keep prefix slots a tree node may alias (a committed root)
     return mask
+
+
+def block_facts(block: Block) -> tuple[bool, bool]:
+    """(some row has L_b = 0, some block root continues from scratch): what `SSMCache.plan` branches on, read from
+    the block's tensors (host reads when they are on a device: take them from the host copy, `Block.to`)."""
+    if block.advance and block.start is not None:  # every row continues from slot `start`: nothing to read
+        return block.start == 0, False
+    fresh = bool((block.lengths == 0).any())
+    if block.advance:
+        return fresh, False
+    anc = block.anc if block.anc is not None else ancestors(block.slots, block.parent_slots)
+    root = anc.to(torch.uint8).argmax(-1)
+    return fresh, bool((block.parent_slots.gather(1, root) >= block.lengths[:, None]).any())
+
+
+def ancestors(slots: Tensor, parent_slots: Tensor) -> Tensor:
+    """[B, T, T] bool in-block ancestor-or-self from each token's parent slot (for a Block built without
+    `anc`; Block.causal and Block.tree give it), tokens in topological order."""
+    B, T = slots.shape
+    is_parent = parent_slots[:, :, None] == slots[:, None, :]  # [B, T(i), T(j)]: j is i's in-block parent
+    anc = torch.eye(T, dtype=torch.bool, device=slots.device).expand(B, T, T).clone()
+    for t in range(1, T):
+        anc[:, t] |= (is_parent[:, t, :t, None] & anc[:, :t]).any(1)
+    return anc

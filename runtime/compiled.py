@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from runtime.device import to_device
+from runtime.transfer import to_device
 from runtime.phases import BLOCK_INPUTS, PhaseKey, accept_key, intercept
 
 

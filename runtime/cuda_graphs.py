@@ -22,7 +22,7 @@ Host synchronisations of a step on a GPU (the engine's `resident` mode, the defa
 read of a device value waits for the device queue to drain (a launch-latency round trip each), so the step
 keeps its data on the device and reads one small tensor:
 - the host builds each forward's `Block` from host lengths and the static topology and sends it with
-  non-blocking copies from pinned memory (`Block.to`, `runtime.device.to_device`), with the SSM planning
+  non-blocking copies from pinned memory (`Block.to`, `runtime.transfer.to_device`), with the SSM planning
   facts taken from the host copy;
 - a top-b static tree's drafter keeps its tokens on the device (`ModelDrafter._propose_resident`: each
   level's top-b columns scattered into the child slots by index and fed to the next level's forward);
@@ -30,7 +30,7 @@ keeps its data on the device and reads one small tensor:
   artifact's acceptance program): greedy rows by argmax, sampled rows with deterministic children (top-b,
   retrieved) by sample-match on log q with Gumbel noise from the request's device generator (the same law as
   rejection sampling with delta proposals); the host reads the packed result and the tree's tokens in one
-  copy (`Engine._accept_packed`, `runtime.device.to_host`); KV compaction indices and the SSM commit are sent.
+  copy (`Engine._accept_packed`, `runtime.transfer.to_host`); KV compaction indices and the SSM commit are sent.
 So a step with a model drafter of top-b children, prompt lookup or none synchronises once, greedy or sampled
 (tests/runtime/test_host_sync.py checks it on the CPU against a simulated device,
 tests/gpu/test_host_sync_cuda.py with torch's sync detector). Still reading per level or per round: sampled

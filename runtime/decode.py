@@ -28,8 +28,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from runtime.batch import Block
-from runtime import device as devices
-from runtime.device import to_device, to_host
+from runtime import transfer as devices
+from runtime.transfer import to_device, to_host
 from runtime.sampling import AcceptanceRule, NodeLogits, SamplingParams, TorchDraftSampler, accept, target_probs
 from spec_compiler.errors import InputError
 

@@ -8,9 +8,12 @@ from spec_compiler.validate import Host
 
 
 def host() -> Host:
+    """This machine. mamba-ssm is probed (imported) on CUDA machines only: it cannot run elsewhere."""
     if not torch.cuda.is_available():
         return Host()
-    return Host(f"{torch.cuda.get_device_name()} sm{''.join(map(str, torch.cuda.get_device_capability()))}")
+    from runtime.models.mamba2 import mamba_chunk_scan
+    return Host(f"{torch.cuda.get_device_name()} sm{''.join(map(str, torch.cuda.get_device_capability()))}",
+                mamba_ssm=mamba_chunk_scan() is not None)
 
 
 def identity_device(device: str) -> dict:
@@ -21,31 +24,3 @@ def identity_device(device: str) -> dict:
         major, minor = torch.cuda.get_device_capability()
         return {"kind": "cuda", "name": torch.cuda.get_device_name(), "capability": f"{major}.{minor}"}
     return cpu_identity()
-
-
-# ---- moving data between host and device without draining the device queue -----------------------------
-# A step on a GPU may synchronise with the host once (runtime/decode.py: the accepted tokens are read back);
-# everything else the host sends goes through `to_device` and everything it reads through `to_host`, so the
-# transfers are in two places a test can watch (tests/runtime/test_host_sync.py simulates the device on the CPU).
-
-def on_host(device) -> bool:
-    """Whether `device` is the host itself (the CPU): no transfer is needed and reading a value costs nothing, so the
-    step reads logits and walks trees there (tests/runtime/test_host_sync.py answers False to play a device)."""
-    return torch.device(device).type == "cpu"
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`, copied without a host synchronisation: on CUDA from pinned memory with
-    non_blocking=True (a pageable or blocking copy makes the host wait for the device queue; the caching host
-    allocator keeps the pinned buffer until the copy has run). On the CPU: `t` itself."""
-    if t.device == device or on_host(device):
-        return t
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def to_host(t: torch.Tensor) -> torch.Tensor:
-    """A device tensor's values on the host: the step's one synchronisation (waits for everything queued
-    before it). Read as few and as small tensors as possible, once per step."""
-    return t.cpu()

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from runtime.batch import PAD, Block, TreeBatch
-from runtime.device import on_host, to_device
+from runtime.transfer import on_host, to_device
 from runtime.models.llama import KVCache
 from runtime.sampling import ChildKind
 from runtime.tree_policies import DynamicTree, Policy

@@ -33,20 +33,35 @@ from spec_compiler.tree import TreeTopology, tree_buckets
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_model(m: ModelPlan, device: str, target=None):
-    """A LlamaModel or Mamba2LMModel (same forward/cache contract) from its plan."""
+def build_model(m: ModelPlan, device: str, target=None, plan: Optional[Plan] = None):
+    """A LlamaModel or Mamba2LMModel (same forward/cache contract) from its plan, its kernels routed per
+    `plan` (`route_kernels`; None: the torch paths)."""
     dtype = DTYPES[m.dtype]
     ssm = m.kind != "transformer"
     if m.source == "checkpoint":
-        return (load_mamba2 if ssm else load_llama)(m.checkpoint, dtype=dtype, device=device)
-    if m.source == "target_copy":
+        model = (load_mamba2 if ssm else load_llama)(m.checkpoint, dtype=dtype, device=device)
+    elif m.source == "target_copy":
         assert target is not None
         noisy = (mamba2.perturbed_copy if ssm else perturbed_copy)(target, m.noise_std, m.seed)
-        return noisy.to(device=device, dtype=dtype).eval()
-    arch = {k: (float(v) if v in ("inf", "-inf") else v) for k, v in m.arch}
-    model = (mamba2.init_random_mamba2(mamba2.Mamba2Config.from_dict(arch), m.seed) if ssm
-             else init_random(LlamaConfig.from_dict(arch), m.seed))
-    return model.to(device=device, dtype=dtype).eval()
+        model = noisy.to(device=device, dtype=dtype).eval()
+    else:
+        arch = {k: (float(v) if v in ("inf", "-inf") else v) for k, v in m.arch}
+        model = (mamba2.init_random_mamba2(mamba2.Mamba2Config.from_dict(arch), m.seed) if ssm
+                 else init_random(LlamaConfig.from_dict(arch), m.seed))
+        model = model.to(device=device, dtype=dtype).eval()
+    return model if plan is None else route_kernels(model, plan)
+
+
+def route_kernels(model, plan: Plan):
+    """Set the plan's kernel choices on `model` (in place; returned): backend.attention=triton runs the
+    at-prefix forwards of the plan's tree-bucket sizes through the tree-attention kernel
+    (`llama.routes_tree_attention`), backend.ssm_prefill=mamba_ssm the Mamba2 prefill chunks through mamba-ssm.
+    A target_copy drafter is a copy of the target, so both are set on each model explicitly."""
+    model.tree_attention_sizes = frozenset(plan.tree_buckets) if plan.attention == "triton" else frozenset()
+    for m in model.modules():
+        if isinstance(m, mamba2.Mamba2Mixer):
+            m.ssm_prefill = plan.ssm_prefill
+    return model
 
 
 @dataclass
@@ -144,7 +159,7 @@ def make_drafter(plan: Plan, target, cache=None, tokenizer=None, eos_ids: tuple[
         return NoDrafter()
     if plan.drafter_kind == "prompt_lookup":
         return PromptLookupDrafter(topo, *plan.prompt_lookup, rows=rows)
-    model = build_model(plan.drafter, plan.device, target)
+    model = build_model(plan.drafter, plan.device, target, plan)
     s2t = None
     if plan.vocab_trim is not None:
         s2t, _ = vocab_trim.resolve(plan, target, cache, tokenizer, eos_ids, model.config.vocab_size)
@@ -182,7 +197,7 @@ def load(plan: Plan, batch_size: int = 1, tree_parents: Optional[Sequence[int]] 
     """The plan's models, with caches for `batch_size` requests decoded together. `tree_parents`: the static
     tree to draft instead of the plan's (an artifact's tree.budget=auto choice); without it a tree.budget=auto
     plan is calibrated now (runtime.calibrate.resolve_budget: seconds on the default pair, said on stderr)."""
-    target = build_model(plan.target, plan.device)
+    target = build_model(plan.target, plan.device, plan=plan)
     cache = new_cache(target, plan, batch_size)
     tokenizer = get_tokenizer(plan.tokenizer)
     if plan.target.source == "checkpoint":

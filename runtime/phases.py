@@ -10,8 +10,9 @@ for SSM caches the host facts their plan branches on (`flags`).
 
 `Phase` wraps a model as a function of tensors only (the Block's tensors, then the cache's), so
 `torch.export` captures it whole: cache tensors are inputs mutated in place (K/V written by slot index), the
-attention stays one opaque `spec.cached_attention` node (codegen/ops.py). `AcceptPhase` is greedy acceptance
-as such a function. `intercept` routes a model's calls through a callback with their key: the compile step
+attention stays one opaque `spec.cached_attention` node (codegen/ops.py; `spec.tree_attention` for the
+at-prefix blocks backend.attention=triton routes to the kernel: `PhaseKey.tree_attention`). `AcceptPhase` is
+greedy acceptance as such a function. `intercept` routes a model's calls through a callback with their key: the compile step
 (aot/build.py) records examples with it, the compiled backend (runtime/compiled.py) dispatches with it.
 
 Shape legend: B rows, T tokens of the block, S attended slots, C cache capacity.
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from runtime.batch import Block
-from runtime.models.llama import KVCache
+from runtime.models.llama import KVCache, routes_tree_attention
 from runtime.models.ssm_cache import SSMCache
 
 BLOCK_INPUTS = ("input_ids", "positions", "slots", "parent_slots", "mask", "lengths", "anc", "offsets")
@@ -51,33 +52,39 @@ class PhaseKey:
     """Rows of the whole cache the call's view is taken from."""
     flags: tuple = ()
     """SSM caches: the host facts the forward's plan branches on (`SSMCache.facts`), fixed in the program."""
+    tree_attention: bool = False
+    """The forward's attention is the tree-attention kernel (`llama.routes_tree_attention`: an at-prefix block of
+    a size backend.attention=triton compiled it for); the program rebuilds its Block with at_prefix so."""
 
     @property
     def name(self) -> str:
         kind = "causal" if self.advance else "tree"
         keep = "all" if self.keep is None else str(self.keep)
         flags = "-F" + "".join(str(int(f)) for f in self.flags) if self.flags else ""
-        return f"{self.role}-{self.method}-{kind}-B{self.B}-T{self.T or 'dyn'}-keep{keep}-R{self.R}{flags}"
+        ta = "-TA" if self.tree_attention else ""
+        return f"{self.role}-{self.method}-{kind}-B{self.B}-T{self.T or 'dyn'}-keep{keep}-R{self.R}{flags}{ta}"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def dynamic(self) -> "PhaseKey":
-        """This key with T dynamic."""
-        return dataclasses.replace(self, T=None)
+        """This key with T dynamic (SDPA attention: the tree-attention kernel is specialized per T)."""
+        return dataclasses.replace(self, T=None, tree_attention=False)
 
     @staticmethod
     def from_dict(d: dict) -> "PhaseKey":
         return PhaseKey(**{**d, "flags": tuple(d.get("flags", ()))})
 
 
-def call_key(role: str, method: str, block, input_ids: Tensor, keep: Optional[int], cache) -> Optional[PhaseKey]:
+def call_key(role: str, method: str, block, input_ids: Tensor, keep: Optional[int], cache,
+             model: Optional[nn.Module] = None) -> Optional[PhaseKey]:
     """The phase of one model call, or None for a call no phase covers (training, an int block)."""
     if not isinstance(block, Block) or block.anc is None or block.offsets is None:
         return None
     B, T = input_ids.shape
     flags = cache.facts(block) if isinstance(cache, SSMCache) else ()
-    return PhaseKey(role, method, bool(block.advance), B, T, keep, cache_rows(cache), flags)
+    return PhaseKey(role, method, bool(block.advance), B, T, keep, cache_rows(cache), flags,
+                    model is not None and routes_tree_attention(model, block))
 
 
 # ---- caches as tensors ---------------------------------------------------------------------------------
@@ -125,7 +132,7 @@ class Phase(nn.Module):
 
     def forward(self, input_ids, positions, slots, parent_slots, mask, lengths, anc, offsets, *cache):
         block = Block(slots, positions, parent_slots, mask, lengths, advance=self.key.advance, anc=anc,
-                      offsets=offsets)
+                      offsets=offsets, at_prefix=self.key.tree_attention)
         view = cache_from(self.kind, self.capacity, cache)
         if self.kind == "ssm":
             view.host_flags = self.key.flags
@@ -160,7 +167,7 @@ def intercept(model: nn.Module, role: str, on_call) -> Callable[[], None]:
     def wrap(method: str, fn, num_kw: str):
         def call(input_ids, position_ids, cache=None, block=None, num=None, **kw):
             num = kw.pop(num_kw, num)
-            key = None if cache is None or depth[0] else call_key(role, method, block, input_ids, num, cache)
+            key = None if cache is None or depth[0] else call_key(role, method, block, input_ids, num, cache, model)
             if key is None:
                 return fn(model, input_ids, position_ids, cache, block, num)
 

@@ -14,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from spec_compiler.arch import Mamba2Config
+from spec_compiler.kernels import TreeAttentionSpec
 from spec_compiler.schema import DrafterKind, ModelConfig, ModelSource
 from spec_compiler.tree import TreeTopology, tree_buckets
 from spec_compiler.validate import Resolved, corpus_matches, grown_bounds, resolve_path, retrieval_tree_sizes, tree_slots
@@ -151,6 +153,14 @@ class Plan:
     """Attention window per forward: live | full (runtime.decode)."""
     verify_head: str = "full"
     """Where the verify forward runs the LM head: path | full (runtime.decode.Engine)."""
+    attention: str = "sdpa"
+    """Attention kernel (backend.attention resolved): sdpa | triton (forwards at the prefix whose size is a tree
+    bucket run spec::tree_attention; runtime.load.route_kernels)."""
+    ssm_prefill: str = "torch"
+    """SSM prefill-chunk scan (backend.ssm_prefill resolved): torch | mamba_ssm."""
+    tree_attention_kernels: tuple[str, ...] = ()
+    """attention=triton: the tree-attention kernels the plan launches (`spec_compiler.kernels.TreeAttentionSpec`
+    names, one per (model head dim, tree bucket, dtype)), so the artifact's manifest lists them; else ()."""
     tree_buckets: tuple[int, ...] = (1,)
     """Tree sizes a verify forward is padded to (powers of two below the tree size, and the size)."""
     vocab_trim: Optional[VocabTrimPlan] = None
@@ -243,6 +253,23 @@ def _cpu_transforms(resolved: Resolved, device: str) -> CpuTransforms:
                             for k, default in asdict(CPU_TRANSFORM_DEFAULTS).items()})
 
 
+def _tree_attention_kernels(resolved: Resolved, buckets: tuple[int, ...]) -> tuple[str, ...]:
+    """The TreeAttentionSpec names attention=triton launches: every attention model at every tree bucket."""
+    if resolved.attention != "triton":
+        return ()
+    cfg = resolved.cfg
+    models = [(resolved.target_arch, cfg.target.model.dtype.value)]
+    if resolved.drafter_arch is not None:
+        models.append((resolved.drafter_arch, cfg.drafter.model.dtype.value))
+    names = set()
+    for arch, dtype in models:
+        if isinstance(arch, Mamba2Config) and not arch.attn_layer_idx:
+            continue  # a pure SSM: no attention layer
+        head_dim = arch.attn_head_dim if isinstance(arch, Mamba2Config) else arch.head_dim
+        names |= {TreeAttentionSpec(head_dim, T, dtype).name for T in buckets}
+    return tuple(sorted(names))
+
+
 def _grown_tree_plan(cfg) -> Optional[GrownTreePlan]:
     if grown_bounds(cfg) is None:
         return None
@@ -281,6 +308,7 @@ def make_plan(resolved: Resolved) -> Plan:
     pl = d.prompt_lookup
     retrieval = _retrieval_plan(resolved)
     verify_nodes, score_nodes = retrieval_tree_sizes(cfg, topo)
+    buckets = tree_buckets(verify_nodes if grown_bounds(cfg) is None else grown_bounds(cfg)[0])
     name = "-".join([cfg.target.name, d.name] + ([retrieval.kind] if retrieval else []) +
                     [cfg.tree.policy.value if d.kind is not DrafterKind.none else "ar"] +
                     (["auto"] if cfg.tree.budget is not None else []) + [cfg.backend.kind.value])
@@ -308,7 +336,10 @@ def make_plan(resolved: Resolved) -> Plan:
                                                  else max(verify_nodes, score_nodes)),
         kv_window=cfg.backend.kv_window.value,
         verify_head=cfg.backend.verify_head.value,
-        tree_buckets=tree_buckets(verify_nodes if grown_bounds(cfg) is None else grown_bounds(cfg)[0]),
+        tree_buckets=buckets,
+        attention=resolved.attention,
+        ssm_prefill=resolved.ssm_prefill,
+        tree_attention_kernels=_tree_attention_kernels(resolved, buckets),
         grown_tree=_grown_tree_plan(cfg),
         vocab_trim=_vocab_trim_plan(resolved),
         cpu_transforms=_cpu_transforms(resolved, resolved.device),

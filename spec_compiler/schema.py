@@ -123,6 +123,25 @@ class VerifyHead(str, enum.Enum):
     """The LM head runs at every tree node of the verify forward (one [B*T, V] matmul)."""
 
 
+class AttentionBackend(str, enum.Enum):
+    auto = "auto"
+    """triton on cuda (where Triton is installed and the model dtype is fp16/bf16/fp32), else sdpa."""
+    sdpa = "sdpa"
+    """torch SDPA over the block's mask, for every forward."""
+    triton = "triton"
+    """Forwards whose tokens sit right after the prefix (verify trees, prefill chunks, AR tokens) of a tree-bucket
+    size run the Triton tree-attention kernel (codegen/tree_attention.py); other forwards keep SDPA. CUDA only."""
+
+
+class SsmPrefill(str, enum.Enum):
+    auto = "auto"
+    """mamba_ssm on cuda where mamba-ssm's chunk scan imports, else torch."""
+    torch = "torch"
+    """Our chunked SSD scan (runtime/models/mamba2.py `ssd_chunked_scan`)."""
+    mamba_ssm = "mamba_ssm"
+    """mamba-ssm's Triton `mamba_chunk_scan_combined` for prefill chunks. CUDA only."""
+
+
 class BackendKind(str, enum.Enum):
     eager = "eager"
     """Plain torch on CPU or GPU; the reference backend."""
@@ -536,6 +555,10 @@ class BackendConfig:
     """Where the verify forward runs the LM head: full (every node) or path (only the nodes the walk reaches;
     within noise of full on the 2-core CPU: 0.96x at batch 1, 1.03x at batch 8 with top3,
     benchmarks/cpu/verify_head.md)."""
+    attention: AttentionBackend = AttentionBackend.auto
+    """Attention kernel of the forwards at the prefix: auto | sdpa | triton (triton: cuda only)."""
+    ssm_prefill: SsmPrefill = SsmPrefill.auto
+    """SSM prefill-chunk scan: auto | torch | mamba_ssm (mamba_ssm: cuda with mamba-ssm installed)."""
 
 
 @dataclass

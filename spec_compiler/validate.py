@@ -18,6 +18,7 @@ from typing import Optional
 from spec_compiler.arch import LlamaConfig, Mamba2Config
 from spec_compiler.checkpoint import read_llama_config, read_mamba2_config
 from spec_compiler.errors import CheckpointError, ConfigError
+from spec_compiler.kernels import KERNEL_DTYPES
 from spec_compiler.schema import (HARDWARE, AcceptanceRule, Arch, ChildKind, ChildSampling, check_arch, Device, DrafterKind,
                                   ModelConfig, ModelSource, RetrievalKind, RetrievalPrune, SpecConfig, TreeConfig,
                                   TreePolicy)
@@ -41,6 +42,8 @@ class Host:
 
     cuda_device: Optional[str] = None
     """The CUDA device's name and compute capability (e.g. "NVIDIA H200 sm90"); None = no usable GPU."""
+    mamba_ssm: bool = False
+    """mamba-ssm's chunk scan (`mamba_chunk_scan_combined`) imports here (probed on CUDA machines only)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,10 @@ class Resolved:
     """backend.device resolved on the host: "cpu" | "cuda"."""
     device_name: str
     """"cpu" or the CUDA device (Host.cuda_device): compiled output depends on it."""
+    attention: str = "sdpa"
+    """backend.attention resolved: "sdpa" | "triton"."""
+    ssm_prefill: str = "torch"
+    """backend.ssm_prefill resolved: "torch" | "mamba_ssm"."""
 
 
 def resolve_path(p: str) -> Path:
@@ -327,8 +334,10 @@ def validate(cfg: SpecConfig, host: Host) -> Resolved:
     device = _device(cfg, host)
     _check_cpu_transforms(cfg, device)
     _check_compile(cfg, device)
+    models = [(target_arch, t.model.dtype.value)] + ([(drafter_arch, d.model.dtype.value)] if drafter_arch else [])
     return Resolved(cfg, target_arch, drafter_arch, topo, kind, cfg.sampling.acceptance, device,
-                    host.cuda_device if device == "cuda" else "cpu")
+                    host.cuda_device if device == "cuda" else "cpu", _attention(cfg, device, models),
+                    _ssm_prefill(cfg, device, host, models))
 
 
 def _check_serving(cfg: SpecConfig, topo: TreeTopology) -> None:
@@ -456,6 +465,52 @@ def _check_compile(cfg: SpecConfig, device: str) -> None:
         raise ConfigError("compile.calibration_prompts",
                           f"prompt file not found: {resolve_path(cfg.compile.calibration_prompts)}",
                           cfg.compile.calibration_prompts)
+
+
+def _has_attention(arch: ResolvedArch) -> bool:
+    return isinstance(arch, LlamaConfig) or bool(arch.attn_layer_idx)
+
+
+def _attention(cfg: SpecConfig, device: str, models: list[tuple[ResolvedArch, str]]) -> str:
+    """backend.attention -> "sdpa" | "triton". The Triton kernel needs CUDA, Triton, and an fp16/bf16/fp32 model."""
+    want = cfg.backend.attention.value
+    wide = [dtype for arch, dtype in models if _has_attention(arch) and dtype not in KERNEL_DTYPES]
+    have_triton = importlib.util.find_spec("triton") is not None
+    if want == "auto":
+        return "triton" if device == "cuda" and have_triton and not wide else "sdpa"
+    if want == "triton":
+        if device != "cuda":
+            raise ConfigError("backend.attention", "the Triton tree-attention kernel runs on CUDA only; on the CPU "
+                              "use backend.attention=sdpa (or auto)", want)
+        if not have_triton:
+            raise ConfigError("backend.attention", "triton is not installed here (pip install -e '.[gpu]'): use "
+                              "backend.attention=sdpa", want)
+        if wide:
+            raise ConfigError("backend.attention", f"the Triton kernel computes in {'/'.join(KERNEL_DTYPES)}, not "
+                              f"{wide[0]}: use backend.attention=sdpa or another model dtype", want)
+        if not any(_has_attention(arch) for arch, _ in models):
+            _warn("backend.attention", "no effect: no model has attention layers")
+    return want
+
+
+def _ssm_prefill(cfg: SpecConfig, device: str, host: Host, models: list[tuple[ResolvedArch, str]]) -> str:
+    """backend.ssm_prefill -> "torch" | "mamba_ssm". Resolved to torch when no model has SSM layers, so a
+    transformer plan does not depend on whether mamba-ssm is installed."""
+    want = cfg.backend.ssm_prefill.value
+    ssm = any(isinstance(arch, Mamba2Config) for arch, _ in models)
+    if want == "auto":
+        return "mamba_ssm" if ssm and device == "cuda" and host.mamba_ssm else "torch"
+    if want == "mamba_ssm":
+        if device != "cuda":
+            raise ConfigError("backend.ssm_prefill", "mamba-ssm's chunk scan runs on CUDA only; on the CPU use "
+                              "backend.ssm_prefill=torch (or auto)", want)
+        if not host.mamba_ssm:
+            raise ConfigError("backend.ssm_prefill", "mamba-ssm does not import here (pip install mamba-ssm "
+                              "matching this torch): use backend.ssm_prefill=torch (or auto)", want)
+        if not ssm:
+            _warn("backend.ssm_prefill", "no effect: no model has SSM layers")
+            return "torch"
+    return want
 
 
 def _check_cpu_transforms(cfg: SpecConfig, device: str) -> None:

@@ -101,6 +101,8 @@ if torch.cuda.is_available():
     CASES = [c for c in CASES if c[0] != "cuda-missing"]
 else:
     CASES.append(("cuda-missing", ["backend.device=cuda"], "backend.device", "CUDA is not available"))
+    CASES.append(("triton-on-cpu", ["backend.attention=triton"], "backend.attention", "CUDA only"))
+    CASES.append(("mamba-ssm-on-cpu", ["backend.ssm_prefill=mamba_ssm"], "backend.ssm_prefill", "CUDA only"))
 
 
 @pytest.mark.parametrize("argv,where,reason", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from runtime.models.init import init_random_weights, perturbed_copy  # noqa: F401  (perturbed_copy: re-exported)
 
-from runtime.device import on_host, to_device
+from runtime.transfer import on_host, to_device
 from runtime import batch as fwd  # fwd.Block: one forward's slots and mask (not the decoder Block below)
 from runtime.models.norm import RMSNorm
 from spec_compiler.arch import LlamaConfig
@@ -54,7 +54,8 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-                     block: fwd.Block | None, mask: Tensor | None, scale: float | None = None) -> Tensor:
+                     block: fwd.Block | None, mask: Tensor | None, scale: float | None = None,
+                     bits: Tensor | None = None) -> Tensor:
     """Grouped-query attention of a block of T new tokens; writes their keys/values into the cache first.
 
     q: [B, H, T, D]; k, v: [B, Hkv, T, D] (the block's own); k_cache, v_cache: [B, Hkv, C, D], or None for
@@ -64,9 +65,15 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_
     H/Hkv query heads (bitwise equal to repeating the KV heads, without copying the cache every call).
     Under torch.export / torch.compile the cached path is the custom op `spec::cached_attention`
     (codegen/ops.py: the same arithmetic, one opaque node); eager skips the op dispatch.
+    bits: [B, T, W] int64 ancestor bitsets (`tree_attention_bits`) when the forward routes to the tree-attention
+    kernel: then the op `spec::tree_attention` (Triton on CUDA, its reference on the CPU) writes node i at slot
+    L_b + i and attends to the prefix plus the node's ancestors, eager and exported alike; mask is unused.
     """
     B, H, T, D = q.shape
-    if k_cache is None:
+    if bits is not None:
+        from codegen import ops  # noqa: F401  (registers torch.ops.spec)
+        y = torch.ops.spec.tree_attention(q, k, v, k_cache, v_cache, block.lengths, bits, scale)
+    elif k_cache is None:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                            enable_gqa=True)
     elif torch.compiler.is_compiling():  # torch.export / dynamo: one opaque node, not a decomposed SDPA
@@ -85,6 +92,23 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_
             k, v = k.clone(), v.clone()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)  # [B, H, T, D]
     return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+def routes_tree_attention(model: nn.Module, block: fwd.Block | None) -> bool:
+    """Whether `model`'s forward over `block` runs the tree-attention kernel: the block sits right after each
+    row's prefix (`Block.at_prefix`, the kernel's contract) and its size T is one the plan compiled the kernel
+    for (`model.tree_attention_sizes`, set at load from backend.attention: the tree buckets under triton,
+    empty under sdpa). The plan, not this check, decides the device: validation allows triton on cuda only.
+    A symbolic T (an exported program with T dynamic) keeps SDPA: the kernel is specialized per T."""
+    sizes = getattr(model, "tree_attention_sizes", ())
+    return bool(sizes) and block is not None and block.at_prefix and isinstance(block.T, int) and block.T in sizes
+
+
+def tree_attention_bits(block: fwd.Block) -> Tensor:
+    """block.anc [B, T, T] as the kernel's ancestor bitsets [B, T, W] int64, packed on its device (no host
+    read), once per forward rather than per layer."""
+    from codegen.tree_attention import anc_to_bitsets  # lazy: SDPA plans never import the kernel module
+    return anc_to_bitsets(block.anc)
 
 
 def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -172,15 +196,16 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.H * self.D, c.hidden_size, bias=c.o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-                block: fwd.Block | None, mask: Tensor | None) -> Tensor:
-        # x: [B, T, hidden]; cos, sin: [B, 1, T, D]; k_cache, v_cache: [B, Hkv, C, D] or None; mask: [B, 1, T, S]
+                block: fwd.Block | None, mask: Tensor | None, bits: Tensor | None = None) -> Tensor:
+        # x: [B, T, hidden]; cos, sin: [B, 1, T, D]; k_cache, v_cache: [B, Hkv, C, D] or None; mask: [B, 1, T, S];
+        # bits: [B, T, W] (tree-attention kernel) or None
         B, T, _ = x.shape
         qk, v = self.wqkv(x).split([(self.H + self.Hkv) * self.D, self.Hkv * self.D], dim=-1)
         qk = qk.view(B, T, self.H + self.Hkv, self.D).transpose(1, 2)  # [B, H + Hkv, T, D]
         qk = qk * cos + rotate_half(qk) * sin  # RoPE on queries and keys in one pass
         q, k = qk.split([self.H, self.Hkv], dim=1)  # [B, H, T, D], [B, Hkv, T, D]
         v = v.view(B, T, self.Hkv, self.D).transpose(1, 2)  # [B, Hkv, T, D]
-        return self.wo(cached_attention(q, k, v, k_cache, v_cache, block, mask))
+        return self.wo(cached_attention(q, k, v, k_cache, v_cache, block, mask, bits=bits))
 
 
 def last_rows(x: Tensor, n: int | None) -> Tensor:
@@ -231,8 +256,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(c)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-                block: fwd.Block | None, mask: Tensor | None) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, block, mask)
+                block: fwd.Block | None, mask: Tensor | None, bits: Tensor | None = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, block, mask, bits)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -247,6 +272,7 @@ class LlamaModel(nn.Module):
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.tree_attention_sizes: frozenset[int] = frozenset()  # T run by the tree-attention kernel (load sets it)
 
     def _apply(self, fn, recurse=True):
         # `.to(bfloat16)` would round the RoPE frequencies too (and `to_empty` would clear them):
@@ -286,14 +312,16 @@ class LlamaModel(nn.Module):
         if cache is None:
             assert block is None or (isinstance(block, int) and block == 0), \
                 "cache=None attends causally within the block from slot 0"
-            block = mask = None
+            block = mask = bits = None
         else:
             if isinstance(block, int):  # a causal continuation of every row from slot `block` (prefill, one token)
                 block = fwd.Block.causal(block, T, B, device=input_ids.device)
             assert block is not None and block.slots.shape == (B, T), "a cached forward needs its Block"
             assert block.S <= cache.capacity, f"KV window {block.S} exceeds cache capacity {cache.capacity}"
             assert cache.k.shape[1] == B, (cache.k.shape, B)
-            mask = None if block.mask_full else additive_mask(block.mask, self.tok_embeddings.weight.dtype)
+            bits = tree_attention_bits(block) if routes_tree_attention(self, block) else None
+            mask = None if block.mask_full or bits is not None else additive_mask(block.mask,
+                                                                                  self.tok_embeddings.weight.dtype)
 
         x = self.tok_embeddings(input_ids)  # [B, T, hidden]
         freqs = position_ids.float()[..., None] * self.inv_freq  # [B, T, D/2]
@@ -301,7 +329,7 @@ class LlamaModel(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = (None, None) if cache is None else (cache.k[i], cache.v[i])
-            x = layer(x, cos, sin, k_cache, v_cache, block, mask)
+            x = layer(x, cos, sin, k_cache, v_cache, block, mask, bits)
         return self.norm(last_rows(x, num_rows))
 
 

@@ -13,14 +13,16 @@ mixer follows `mamba_ssm/modules/mha.py` (fused in_proj q|k|v, partial rotate-ha
 its own committed length, one `runtime.batch.Block` saying where every token goes and what it continues
 from. An SSM layer reads each token's *parent slot* (never a mask; `SSMCache.plan` resolves it once per
 forward) and runs one of three paths:
-- advance, T > 1 (prefill chunk): the chunked SSD scan from each row's committed state, which it replaces;
+- advance, T > 1 (prefill chunk): the chunked SSD scan from each row's committed state, which it replaces
+  (ours in torch, or mamba-ssm's Triton `mamba_chunk_scan_combined` under backend.ssm_prefill=mamba_ssm);
 - T == 1 (an autoregressive token, a root-only tree): the recurrence once;
 - tree (advance=False): the tree conv (windows gathered along each node's path, older entries from the
   state its block root continues from) and the tree-masked SSD (`codegen/ssm_tree_scan.py`), every node
   of every row at once; each node's state and conv window go to the row's scratch, from which `commit`
   makes the accepted node's committed.
 `SSMCache` (runtime/models/ssm_cache.py) documents the rules. Attention layers of a hybrid use a Llama
-`KVCache` held by the SSMCache and Llama's `cached_attention` over `block.mask`.
+`KVCache` held by the SSMCache and Llama's `cached_attention` over `block.mask` (or, routed as in Llama, the
+tree-attention kernel).
 Without a cache (`cache=None`, training) the block is one causal text from slot 0: SSM layers run the
 chunked SSD scan from a zero state and window, attention layers attend causally within the block, and
 nothing is stored; this path is differentiable and equals a cached prefill of the same tokens.
@@ -32,6 +34,7 @@ N state size, Cd conv channels, W d_conv, R states the block roots continue from
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,7 +45,8 @@ from runtime.models.init import init_random_weights, perturbed_copy  # noqa: F40
 
 from codegen.ssm_tree_scan import ssm_tree_scan, ssm_tree_scan_ref
 from runtime.batch import Block as StepBlock  # one forward's tokens (the nn.Module `Block` is mamba-ssm's)
-from runtime.models.llama import KVCache, LMHead, additive_mask, cached_attention, last_rows, rotate_half
+from runtime.models.llama import (KVCache, LMHead, additive_mask, cached_attention, last_rows, rotate_half,
+                                  routes_tree_attention, tree_attention_bits)
 from runtime.models.norm import RMSNorm
 from runtime.models.ssm_cache import ForwardPlan, SSMCache
 from spec_compiler.arch import Mamba2Config
@@ -117,6 +121,33 @@ def ssd_chunked_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chu
     return y, S.reshape(b, H, P, N)
 
 
+@functools.cache
+def mamba_chunk_scan():
+    """mamba-ssm's `mamba_chunk_scan_combined`, or None where it does not import. Imported lazily and once:
+    `import mamba_ssm` takes seconds and fails without its CUDA extension (an ImportError, or an OSError /
+    RuntimeError from the extension itself), so every failure counts as "not here"."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # noqa: BLE001  (any import failure: see the docstring)
+        return None
+    return mamba_chunk_scan_combined
+
+
+def mamba_ssm_chunked_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                           D: Tensor | None, init_state: Tensor) -> tuple[Tensor, Tensor]:
+    """`ssd_chunked_scan`'s contract (same shapes) through mamba-ssm's Triton chunk scan (backend.ssm_prefill).
+
+    dt arrives softplused and clamped, so it goes in with dt_softplus=False and no dt_bias. Every argument
+    after chunk_size is passed by keyword: mamba-ssm 2.0 to 2.3 share these names, but later versions add
+    positional parameters (cu_seqlens, state_dtype) between them. The final state comes back in C's dtype.
+    """
+    scan = mamba_chunk_scan()
+    assert scan is not None, "backend.ssm_prefill=mamba_ssm, but mamba_ssm does not import (validation checks it)"
+    y, state = scan(x, dt, A, B, C, chunk_size, D=D, initial_states=init_state, dt_softplus=False,
+                    return_final_states=True)[:2]
+    return y, state.to(init_state.dtype)
+
+
 def rowwise(fn, x: Tensor) -> Tensor:
     """fn(x) for an elementwise fn, computed so each row (dim 0) gets bitwise the same result alone or in a
     batch. Why: a CPU kernel runs its vector loop over the flattened tensor and a scalar loop over the last
@@ -170,6 +201,7 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.c = c
         self.use_triton = use_triton
+        self.ssm_prefill = "torch"  # backend.ssm_prefill (runtime.load.route_kernels): torch | mamba_ssm
         H = c.nheads
         self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + H, bias=c.bias)
         self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=c.conv_bias)
@@ -217,6 +249,10 @@ class Mamba2Mixer(nn.Module):
             y = y[:, None]
             if not plan.advance:
                 state = state[:, None]  # [b, 1, H, P, N]: the node's scratch entry
+        elif plan.advance and self.ssm_prefill == "mamba_ssm" and not torch.compiler.is_compiling():
+            # mamba-ssm's scan is an autograd.Function of Triton launches, not an op export can keep: an
+            # exported prefill program holds the torch scan
+            y, state = mamba_ssm_chunked_scan(x, dt, A, Bm, Cm, c.chunk_size, D, S0[:, 0])
         elif plan.advance:
             y, state = ssd_chunked_scan(x, dt, A, Bm, Cm, c.chunk_size, D, S0[:, 0])
         elif self.use_triton and x.is_cuda and cdt == torch.float32 and not plan.scratch_roots:
@@ -249,8 +285,10 @@ class MHA(nn.Module):
         return torch.cat([r * cos + rotate_half(r) * sin, t[..., self.rd:]], dim=-1)
 
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, k_cache: Tensor | None,
-                v_cache: Tensor | None, block: StepBlock | None, mask: Tensor | None) -> Tensor:
-        # x: [b, T, E]; cos, sin: [b, 1, T, rd]; k_cache, v_cache: [b, Hkv, C, D] or None; mask: [b, 1, T, S]
+                v_cache: Tensor | None, block: StepBlock | None, mask: Tensor | None,
+                bits: Tensor | None = None) -> Tensor:
+        # x: [b, T, E]; cos, sin: [b, 1, T, rd]; k_cache, v_cache: [b, Hkv, C, D] or None; mask: [b, 1, T, S];
+        # bits: [b, T, W] (the tree-attention kernel, llama.cached_attention) or None
         b, T, _ = x.shape
         q, k, v = self.in_proj(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
         q = q.view(b, T, self.H, self.D).transpose(1, 2)  # [b, H, T, D]
@@ -258,7 +296,7 @@ class MHA(nn.Module):
         v = v.view(b, T, self.Hkv, self.D).transpose(1, 2)
         if self.rd:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        return self.out_proj(cached_attention(q, k, v, k_cache, v_cache, block, mask, self.scale))
+        return self.out_proj(cached_attention(q, k, v, k_cache, v_cache, block, mask, self.scale, bits))
 
 
 class GatedMLP(nn.Module):
@@ -303,6 +341,7 @@ class Mamba2LMModel(nn.Module):
         self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
+        self.tree_attention_sizes: frozenset[int] = frozenset()  # T run by the tree-attention kernel (load sets it)
 
     def new_cache(self, rows: int, capacity: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None, num_scratch: int | None = None) -> SSMCache:
@@ -344,7 +383,7 @@ class Mamba2LMModel(nn.Module):
         if cache is None:
             assert block is None or (isinstance(block, int) and block == 0), \
                 "cache=None runs one causal block from slot 0"
-            block = plan = attn_add = None
+            block = plan = attn_add = bits = None
         else:
             if isinstance(block, int):  # a causal continuation of every row from slot `block` (prefill, one token)
                 block = StepBlock.causal(block, T, B, device=input_ids.device)
@@ -352,7 +391,8 @@ class Mamba2LMModel(nn.Module):
             assert block.S <= cache.capacity, f"KV window {block.S} exceeds cache capacity {cache.capacity}"
             assert cache.rows == B, (cache.rows, B)
             plan = cache.plan(block)
-            attn_add = None if block.mask_full or not c.is_hybrid else additive_mask(
+            bits = tree_attention_bits(block) if c.is_hybrid and routes_tree_attention(self, block) else None
+            attn_add = None if block.mask_full or not c.is_hybrid or bits is not None else additive_mask(
                 block.mask, self.backbone.embedding.weight.dtype)
 
         x = self.backbone.embedding(input_ids)  # [B, T, E]
@@ -372,7 +412,7 @@ class Mamba2LMModel(nn.Module):
             h = blk.norm(x.to(dtype))
             if isinstance(blk.mixer, MHA):
                 kv = (None, None) if cache is None else (cache.kv.k[attn_i], cache.kv.v[attn_i])
-                h = blk.mixer(h, cos, sin, *kv, block, attn_add)
+                h = blk.mixer(h, cos, sin, *kv, block, attn_add, bits)
                 attn_i += 1
             else:
                 h = blk.mixer(h, cache, ssm_i, plan)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from runtime.batch import Block
-from runtime.device import to_device
+from runtime.batch import Block, ancestors as _ancestors, block_facts
+from runtime.transfer import to_device
 from runtime.models.llama import KVCache
 
 
@@ -228,27 +228,3 @@ class SSMCache:
         self.conv[:, :B] = self.scratch_conv[:, rows, last]
         if self.kv is not None:
             self.kv.commit(lengths, paths)
-
-
-def block_facts(block: Block) -> tuple[bool, bool]:
-    """(some row has L_b = 0, some block root continues from scratch): what `SSMCache.plan` branches on, read from
-    the block's tensors (host reads when they are on a device: take them from the host copy, `Block.to`)."""
-    if block.advance and block.start is not None:  # every row continues from slot `start`: nothing to read
-        return block.start == 0, False
-    fresh = bool((block.lengths == 0).any())
-    if block.advance:
-        return fresh, False
-    anc = block.anc if block.anc is not None else _ancestors(block.slots, block.parent_slots)
-    root = anc.to(torch.uint8).argmax(-1)
-    return fresh, bool((block.parent_slots.gather(1, root) >= block.lengths[:, None]).any())
-
-
-def _ancestors(slots: Tensor, parent_slots: Tensor) -> Tensor:
-    """[B, T, T] bool in-block ancestor-or-self from each token's parent slot (for a Block built without
-    `anc`; Block.causal and Block.tree give it), tokens in topological order."""
-    B, T = slots.shape
-    is_parent = parent_slots[:, :, None] == slots[:, None, :]  # [B, T(i), T(j)]: j is i's in-block parent
-    anc = torch.eye(T, dtype=torch.bool, device=slots.device).expand(B, T, T).clone()
-    for t in range(1, T):
-        anc[:, t] |= (is_parent[:, t, :t, None] & anc[:, :t]).any(1)
-    return anc

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from codegen.tree_attention import (TreeAttentionSpec, bitsets_to_mask, pack_bitsets,  # noqa: E402
+from codegen.tree_attention import (TreeAttentionSpec, anc_to_bitsets, bitsets_to_mask, pack_bitsets,  # noqa: E402
                                     tree_attention, tree_attention_ref)
 from spec_compiler.tree import TreeTopology
 from tests.spec_compiler.test_tree import parent_lists  # noqa: E402
@@ -67,6 +67,17 @@ def test_packed_bitsets_across_words(topo):
     bits = pack_bitsets(topo.bitsets())  # bit 63 of a word is its sign bit
     assert bits.shape == (topo.n, -(-topo.n // 64))
     assert torch.equal(bitsets_to_mask(bits), torch.tensor(topo.ancestor_rows))
+
+
+@pytest.mark.parametrize("topo", [TreeTopology.chain(0), TreeTopology.chain(63), TreeTopology.chain(64),
+                                  TreeTopology.chain(129), TreeTopology.static([4, 4, 3])],
+                         ids=["T1", "T64", "T65", "T130", "T69"])
+def test_anc_to_bitsets_packs_on_the_device_as_pack_bitsets_does(topo):
+    """The model packs its Block's anc tensor (no host read); the words must be pack_bitsets' exactly."""
+    anc = torch.tensor(topo.ancestor_rows).to(DEVICE)
+    want = pack_bitsets(topo.bitsets(), device=DEVICE)
+    assert torch.equal(anc_to_bitsets(anc), want)
+    assert torch.equal(anc_to_bitsets(anc[None].expand(3, -1, -1)), want[None].expand(3, -1, -1))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """On CUDA: a greedy step synchronises with the host once (issue #11), measured by torch's own sync detector.
 
 `torch.cuda.set_sync_debug_mode("error")` makes every synchronising CUDA call torch issues (a blocking copy in
-either direction, `.item()`, `.tolist()`, `nonzero`, ...) raise; the step's one read (`runtime.device.to_host`)
+either direction, `.item()`, `.tolist()`, `nonzero`, ...) raise; the step's one read (`runtime.transfer.to_host`)
 runs with the detector off and is counted. Llama and hybrid targets, no drafter / a noisy-copy drafter on a
 chain and a static tree, batch 1 and 3, greedy and sampled rows; greedy outputs equal the host path's (logits
 read, host walk), sampled ones each request's alone-run. The CPU

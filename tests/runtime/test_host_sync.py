@@ -5,7 +5,7 @@ host data with a blocking copy (`torch.tensor(x, device=cuda)`, `t.to(cuda)` fro
 host tensor into a device op (an index tensor is moved with a blocking copy). This machine has no GPU, so
 `SimulatedDevice` plays one: a TorchFunctionMode that marks every tensor that would live on the device (model
 parameters and buffers, caches, factory outputs given a `device=`, everything computed from those, what
-`runtime.device.to_device` sends) and records each of the three events on a marked tensor. The engine's
+`runtime.transfer.to_device` sends) and records each of the three events on a marked tensor. The engine's
 transfers go through `to_device` (counted as sends, free) and `to_host` (counted: the one allowed read).
 
 Checked for the paths a GPU step takes (the resident drafter and the fused acceptance): Llama, Mamba2 and hybrid
@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 import runtime.compiled
 import runtime.decode
-import runtime.device
+import runtime.transfer
 import runtime.drafters
 import runtime.models.llama
 import runtime.models.ssm_cache
@@ -104,7 +104,7 @@ class SimulatedDevice(TorchFunctionMode):
         if func in BLOCKING_SENDS and kwargs.get("device") is not None:
             self._record("blocking send")
         if func is Tensor.to and args and args[0] not in self.on and _has_device(args, kwargs):
-            self._record("blocking send")  # a host tensor .to(device): must go through runtime.device.to_device
+            self._record("blocking send")  # a host tensor .to(device): must go through runtime.transfer.to_device
         if on and any(t not in self.on and t.dim() > 0 for t in flat):
             self._record("mixed")
         out = func(*args, **kwargs)
@@ -114,7 +114,7 @@ class SimulatedDevice(TorchFunctionMode):
                     self.on.add(t)
         return out
 
-    # the two transfer points of runtime.device
+    # the two transfer points of runtime.transfer
     def to_device(self, t: Tensor, device) -> Tensor:
         if t in self.on:
             return t
@@ -131,7 +131,7 @@ class SimulatedDevice(TorchFunctionMode):
 
     @contextlib.contextmanager
     def patched(self, monkeypatch):
-        for mod in (runtime.device, runtime.decode, runtime.drafters, runtime.models.llama, runtime.models.ssm_cache,
+        for mod in (runtime.transfer, runtime.decode, runtime.drafters, runtime.models.llama, runtime.models.ssm_cache,
                     runtime.compiled):
             if hasattr(mod, "to_device"):
                 monkeypatch.setattr(mod, "to_device", self.to_device)
