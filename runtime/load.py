@@ -55,12 +55,14 @@ def build_model(m: ModelPlan, device: str, target=None, plan: Optional[Plan] = N
 def route_kernels(model, plan: Plan):
     """Set the plan's kernel choices on `model` (in place; returned): backend.attention=triton runs the
     at-prefix forwards of the plan's tree-bucket sizes through the tree-attention kernel
-    (`llama.routes_tree_attention`), backend.ssm_prefill=mamba_ssm the Mamba2 prefill chunks through mamba-ssm.
+    (`llama.routes_tree_attention`) and a Mamba2 model's tree forwards through the Triton SSM tree scan,
+    backend.ssm_prefill=mamba_ssm the Mamba2 prefill chunks through mamba-ssm.
     A target_copy drafter is a copy of the target, so both are set on each model explicitly."""
     model.tree_attention_sizes = frozenset(plan.tree_buckets) if plan.attention == "triton" else frozenset()
     for m in model.modules():
         if isinstance(m, mamba2.Mamba2Mixer):
             m.ssm_prefill = plan.ssm_prefill
+            m.use_triton = plan.attention == "triton"  # the Triton SSM tree scan (codegen/ssm_tree_scan.py)
     return model
 
 

@@ -556,7 +556,9 @@ class BackendConfig:
     within noise of full on the 2-core CPU: 0.96x at batch 1, 1.03x at batch 8 with top3,
     benchmarks/cpu/verify_head.md)."""
     attention: AttentionBackend = AttentionBackend.auto
-    """Attention kernel of the forwards at the prefix: auto | sdpa | triton (triton: cuda only)."""
+    """Decode-path kernels: auto | sdpa | triton (triton: cuda only). triton runs the attention of the forwards at
+    the prefix (verify trees, chunks of a tree bucket's size) through the Triton tree-attention kernel, and a Mamba2
+    model's tree forwards through the Triton SSM tree scan; sdpa keeps torch's SDPA and the torch scan."""
     ssm_prefill: SsmPrefill = SsmPrefill.auto
     """SSM prefill-chunk scan: auto | torch | mamba_ssm (mamba_ssm: cuda with mamba-ssm installed)."""
 
