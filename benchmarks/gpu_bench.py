@@ -21,6 +21,7 @@ call, warm-up first, the median of the repeats (METHOD.md); on the CPU, perf_cou
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -166,19 +167,36 @@ def part_llama(s: dict) -> dict:
     blk = Block.causal(0, L, 1, C, device=dev)
     model.hidden(prompt[:, :L].to(dev), blk.positions, cache, blk, num_rows=0)
     graphed = GraphedForward(model, max_tokens=max(s["trees"]))
+    # backend.attention=triton: the same model with its at-prefix forwards on the Triton tree-attention kernel
+    # (runtime.load.route_kernels sets this from the plan); CUDA, or the interpreter on the CPU for a dry run
+    triton = (dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and importlib.util.find_spec("triton") is not None
+    sizes = frozenset(s["trees"])
+
+    def with_triton(fn):
+        def call(*a):
+            model.tree_attention_sizes = sizes
+            try:
+                return fn(*a)
+            finally:
+                model.tree_attention_sizes = frozenset()
+        return call
+    modes = [("eager", model), ("graph", graphed)]
+    if triton:
+        modes += [("triton", with_triton(model)), ("triton_graph", with_triton(GraphedForward(model, max_tokens=max(s["trees"]))))]
     rows = []
     for n in s["trees"]:
         toks, block = tree_inputs(n, L, C, dev, V, gen)
         row = {"nodes": n}
-        for name, fn in (("eager", model), ("graph", graphed)):
+        for name, fn in modes:
             row[f"{name}_ms"] = time_ms(lambda: fn(toks, block.positions, cache, block), dev, s["iters"])
         rows.append(row)
     ar = rows[0]
     for row in rows:
-        row["eager_vs_ar"] = row["eager_ms"] / ar["eager_ms"]
-        row["graph_vs_ar"] = row["graph_ms"] / ar["graph_ms"]
+        for name, _ in modes:
+            row[f"{name}_vs_ar"] = row[f"{name}_ms"] / ar[f"{name}_ms"]
     res["verify"] = rows
-    res["ar_step_ms"] = {"eager": ar["eager_ms"], "graph": ar["graph_ms"]}
+    res["verify_modes"] = [name for name, _ in modes]
+    res["ar_step_ms"] = {name: ar[f"{name}_ms"] for name, _ in modes}
     res["ar_vs_floor"] = {k: v / res["floor_ms"] for k, v in res["ar_step_ms"].items()}
     res["graph_stats"] = dict(graphed.stats)
     # our engine's AR decode (one request, NoDrafter), eager and graphed, after the same prompt
@@ -374,10 +392,18 @@ def report(out: Path) -> dict:
                   f"({a['ar_vs_floor']['eager']:.2f}x floor), graph {a['ar_step_ms']['graph']:.3f} ms "
                   f"({a['ar_vs_floor']['graph']:.2f}x floor; bar: <= 1.3x). Engine AR decode: eager "
                   f"{a['engine_ar_eager_tok_s']:.1f} tok/s, graph {a['engine_ar_graph_tok_s']:.1f} tok/s.", "",
-                  "| nodes | eager ms | eager / AR | graph ms | graph / AR |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['nodes']} | {r['eager_ms']:.3f} | {r['eager_vs_ar']:.2f} | {r['graph_ms']:.3f} | "
-                  f"{r['graph_vs_ar']:.2f} |" for r in a["verify"]]
-        lines += ["", "Bar: verify of 64 nodes <= 1.15x the AR step.", ""]
+                  ]
+        modes = a.get("verify_modes", ["eager", "graph"])
+        if "triton" in modes:
+            lines += [f"AR step with backend.attention=triton: eager {a['ar_step_ms']['triton']:.3f} ms, graph "
+                          f"{a['ar_step_ms']['triton_graph']:.3f} ms ({a['ar_vs_floor']['triton_graph']:.2f}x floor).",
+                          ""]
+        lines += ["| nodes | " + " | ".join(f"{m} ms | {m} / AR" for m in modes) + " |",
+                  "| --- |" + " --- | --- |" * len(modes)]
+        lines += [f"| {r['nodes']} | " + " | ".join(f"{r[m + '_ms']:.3f} | {r[m + '_vs_ar']:.2f}" for m in modes) + " |"
+                  for r in a["verify"]]
+        lines += ["", "Bar: verify of 64 nodes <= 1.15x the AR step (sdpa: eager / graph; triton: the Triton "
+                  "tree-attention kernel).", ""]
     b = merged["pair"]
     if "error" in b:
         lines += [f"**pair**: {b['error']}", ""]
