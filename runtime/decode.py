@@ -21,6 +21,7 @@ in CPU eager; a shape that changes every step), "full" attends over the whole ca
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -123,7 +124,8 @@ class Engine:
         k = 0: then the drafter costs nothing), else it runs when the request joins (bench and generate, whose
         prefill time then holds the drafter's too); resident: all-greedy steps keep the verify logits on the device
         and accept there (`codegen.fused_accept`, or the artifact's acceptance program), the host reading one small
-        tensor per step (None: on every device but the CPU, where reading logits costs nothing)."""
+        tensor per step (None: on every device but the CPU, where reading logits costs nothing, when Triton imports:
+        the walk's CUDA implementation is a Triton kernel)."""
         assert kv_window in ("live", "full"), kv_window
         assert verify_head in ("full", "path"), verify_head
         self.verify_head = verify_head
@@ -135,7 +137,9 @@ class Engine:
         self.max_seq_len, self.eos = max_seq_len, frozenset(eos_ids)
         self.kv_window, self.prefill_chunk, self.on_step = kv_window, prefill_chunk, on_step
         self.device = next(target.parameters()).device
-        self.resident = not devices.on_host(self.device) if resident is None else resident
+        if resident is None:  # the fused walk's CUDA implementation is a Triton kernel
+            resident = not devices.on_host(self.device) and importlib.util.find_spec("triton") is not None
+        self.resident = resident
         self.rows: list[Request] = []
         """The decoding requests; row b of the cache is rows[b]'s."""
         self.prefilling: list[Request] = []
