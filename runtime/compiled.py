@@ -7,6 +7,13 @@ importing torch_tensorrt) and installs a dispatcher on the target and the drafte
 has a program, with the cache layout the program was built for (strides, dtypes, KV window below the
 capacity), runs it; any other call runs the model's own forward and is counted as a miss (`CompiledStats`).
 Nothing here compiles: loading a package is reading compiled code.
+
+On CUDA with kv_window=full the programs replay from CUDA graphs: a `graphable` program (T fixed in its key,
+the whole cache as its window, no commit: the verify forward of each (B, T) bucket, the drafter's levels,
+the acceptance walk) is captured on its first call per input layout and cache storage
+(`runtime.cuda_graphs.GraphedCalls`: the block tensors copied into static buffers, the cache tensors passed
+as themselves) and replayed after; prefill and catch-up programs (advance blocks) run as they are, and calls
+no program takes replay graphs of the eager forward (`GraphedForward`). `CompiledStats.graphed` counts replays.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from runtime.cuda_graphs import layout_key
 from runtime.transfer import to_device
 from runtime.phases import BLOCK_INPUTS, PhaseKey, accept_key, intercept
 
@@ -71,11 +79,13 @@ class CompiledStats:
 
     hits: Counter = field(default_factory=Counter)
     misses: Counter = field(default_factory=Counter)
+    graphed: Counter = field(default_factory=Counter)
+    """Hits that replayed a CUDA graph of the program (runtime.cuda_graphs.GraphedCalls)."""
 
     def summary(self) -> str:
-        n, m = sum(self.hits.values()), sum(self.misses.values())
+        n, m, g = sum(self.hits.values()), sum(self.misses.values()), sum(self.graphed.values())
         top = ", ".join(f"{k} x{v}" for k, v in self.misses.most_common(3))
-        return f"{n} compiled calls, {m} eager" + (f" ({top})" if m else "")
+        return f"{n} compiled calls ({g} from CUDA graphs), {m} eager" + (f" ({top})" if m else "")
 
 
 def load_programs(directory: Path, manifest: dict) -> dict[str, dict[PhaseKey, Program]]:
@@ -92,11 +102,19 @@ def load_programs(directory: Path, manifest: dict) -> dict[str, dict[PhaseKey, P
     return out
 
 
+def graphable(prog: Program) -> bool:
+    """Whether a program's calls replay from CUDA graphs: fixed shapes per key (T in the key, the KV window the
+    whole cache) and no commit in the forward (an `advance` block is a prefill or catch-up: its T follows the
+    text, and an SSM model's commits state, so the warm-up runs before a capture would not be idempotent)."""
+    return prog.key.T is not None and not prog.live_window and not prog.key.advance
+
+
 def install(model: torch.nn.Module, role: str, programs: dict[PhaseKey, Program], stats: CompiledStats,
-            graphs=None):
+            graphs=None, graphed_calls=None):
     """Dispatch `model`'s phase calls to `programs` (see the module docstring); returns the remover. graphs:
     a capture backend (runtime.cuda_graphs.CudaGraphs) for the calls no program takes: they replay CUDA graphs
-    of the eager forward per bucket (kv_window=full), else run eager."""
+    of the eager forward per bucket (kv_window=full), else run eager; graphed_calls
+    (runtime.cuda_graphs.GraphedCalls): the calls a `graphable` program takes replay CUDA graphs of the program."""
     graphed = None
     if graphs is not None:
         from runtime.cuda_graphs import GraphedForward
@@ -112,6 +130,13 @@ def install(model: torch.nn.Module, role: str, programs: dict[PhaseKey, Program]
                 return graphed._run("logits" if method == "forward" else "hidden", *args)
             return run()
         stats.hits[prog.key.name] += 1
+        if graphed_calls is not None and graphable(prog):
+            n = len(BLOCK_INPUTS)
+            out = graphed_calls((prog.key, layout_key(inputs), tuple(t.data_ptr() for t in inputs[n:])), prog.run,
+                                inputs[:n], inputs[n:])
+            if out is not None:
+                stats.graphed[prog.key.name] += 1
+                return out
         return prog.run(*inputs)
     return intercept(model, role, on_call)
 
@@ -124,6 +149,8 @@ class Compiled:
     manifest: dict
     stats: CompiledStats
     programs: dict[str, dict[PhaseKey, Program]]
+    graphed_calls: object = None
+    """runtime.cuda_graphs.GraphedCalls replaying the graphable programs (CUDA, kv_window=full), else None."""
 
     def acceptor(self, tree, logits):
         """Greedy acceptance by the artifact's acceptance program for this (B, T): its packed result [B, T + 2]
@@ -134,8 +161,13 @@ class Compiled:
             return None
         self.stats.hits[key.name] += 1
         dev = logits.device
-        return prog.run(logits.contiguous(), to_device(tree.parents.contiguous(), dev),
-                        to_device(tree.tokens.contiguous(), dev))
+        inputs = [logits.contiguous(), to_device(tree.parents.contiguous(), dev), to_device(tree.tokens.contiguous(), dev)]
+        if self.graphed_calls is not None:  # (B, T) fixes every shape: the walk replays from a graph
+            out = self.graphed_calls((key, layout_key(inputs)), prog.run, inputs, [])
+            if out is not None:
+                self.stats.graphed[key.name] += 1
+                return out
+        return prog.run(*inputs)
 
     def summary(self) -> str:
         chosen = Counter(p["backend"] for p in self.manifest["phases"])
@@ -153,11 +185,15 @@ def attach(rt, directory: Path, manifest: dict, graphs=None):
     if graphs is None and rt.plan.device == "cuda" and rt.plan.kv_window == "full":
         from runtime.cuda_graphs import CudaGraphs
         graphs = CudaGraphs()
+    calls = None
+    if graphs is not None:
+        from runtime.cuda_graphs import GraphedCalls
+        calls = GraphedCalls(graphs)
     models = {"target": rt.target, "drafter": drafter_module(rt.drafter)}
     for role, model in models.items():
         if model is not None and (programs.get(role) or graphs is not None):
-            install(model, role, programs.get(role, {}), stats, graphs)
-    return dataclasses.replace(rt, compiled=Compiled(Path(directory), manifest, stats, programs))
+            install(model, role, programs.get(role, {}), stats, graphs, calls)
+    return dataclasses.replace(rt, compiled=Compiled(Path(directory), manifest, stats, programs, calls))
 
 
 def drafter_module(drafter):

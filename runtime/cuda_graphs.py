@@ -171,6 +171,56 @@ class GraphedForward:
         return _Entry(graph, inputs, out, cache)
 
 
+@dataclasses.dataclass
+class _CallEntry:
+    graph: object
+    buffers: list[Tensor]
+    """Static copies of the call's copied inputs; the graph reads them."""
+    passed: list[Tensor]
+    """The inputs passed as themselves (caches: mutated in place, the same storage every replay)."""
+    out: object
+
+
+class GraphedCalls:
+    """CUDA graphs of arbitrary tensor functions (a compiled phase program, the acceptance program), one per key.
+
+    `__call__(key, fn, copied, passed)`: the first call of a key captures `fn(*buffers, *passed)` where the buffers
+    are static copies of `copied` (warm-up runs, then capture, through the backend: `CudaGraphs`); later calls copy
+    their `copied` tensors into the buffers (non-blocking) and replay. `passed` tensors (caches) must be the same
+    storage at every call of a key: the key names their data pointers. Outputs (a tensor or a tuple of them) are
+    cloned after the replay. Returns None when the key is new and `max_graphs` are held (the caller runs eager).
+    Warm-up runs before a capture run the call itself, so a function that writes its inputs' slots (K/V by index)
+    must be idempotent for equal inputs; one that commits state (an SSM prefill) must not be graphed."""
+
+    def __init__(self, graphs=None, max_graphs: int = 64):
+        self.graphs = graphs if graphs is not None else CudaGraphs()
+        self.max_graphs = max_graphs
+        self.entries: dict = {}
+        self.stats = {"captures": 0, "replays": 0}
+
+    def __call__(self, key, fn, copied: list[Tensor], passed: list[Tensor]):
+        entry = self.entries.get(key)
+        if entry is None:
+            if len(self.entries) >= self.max_graphs:
+                return None
+            buffers = [torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t) for t in copied]  # dense
+            graph, out = self.graphs.capture(lambda: fn(*buffers, *passed))
+            entry = self.entries[key] = _CallEntry(graph, buffers, list(passed), out)
+            self.stats["captures"] += 1
+        else:
+            for buf, t in zip(entry.buffers, copied):
+                buf.copy_(t, non_blocking=True)
+        entry.graph.replay()
+        self.stats["replays"] += 1
+        out = entry.out
+        return tuple(t.clone() for t in out) if isinstance(out, (tuple, list)) else out.clone()
+
+
+def layout_key(tensors: list[Tensor]) -> tuple:
+    """Shapes, strides and dtypes of a call's tensors: a captured graph replays only calls laid out alike."""
+    return tuple((tuple(t.shape), t.stride(), t.dtype) for t in tensors)
+
+
 def graph_runtime(rt, **kw):
     """`rt` (runtime.load.Runtime) with its target, and its model drafter's model, replayed from CUDA graphs.
     The drafter is a shallow copy (same cache and state) so `rt` itself stays eager. Needs a plan with

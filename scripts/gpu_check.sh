@@ -7,7 +7,8 @@
 # 1. installs the carried wheels the image lacks (or has older) into a temporary site on PYTHONPATH, with
 #    a stub `selective_scan_cuda` module (mamba-ssm is built without its CUDA extension; `import mamba_ssm`
 #    imports it, its Triton kernels do not need it);
-# 2. runs every `-m gpu` test (python3 -m pytest tests -m gpu: tests/gpu first, then the rest);
+# 2. runs every `-m gpu` test (python3 -m pytest tests -m gpu: tests/gpu first, the compiled-artifact CUDA-graph
+#    test in its own part, then the rest);
 # 3. runs benchmarks/gpu_bench.py part by part (1.1 B Llama AR step vs floor and verify latency per tree,
 #    the default pair's speculative vs own AR, transformers generate / assisted generation), each part in its
 #    own process under its own timeout, each writing its JSON as soon as it is done; then the report
@@ -88,16 +89,19 @@ PER_TEST=()
 PARALLEL=()
 "$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)  # Triton compiles on the CPU cores in parallel
 # tests/gpu first (the CUDA-graph and replay checks of this issue), then every other -m gpu test
-part tests_gpu 100 "$PY" -m pytest tests/gpu -m gpu -q -p no:cacheprovider -rfEs "${PER_TEST[@]}"
-part tests_rest 110 "$PY" -m pytest tests -m gpu --ignore=tests/gpu -q -p no:cacheprovider -rfEs \
+part tests_gpu 90 "$PY" -m pytest tests/gpu -m gpu -q -p no:cacheprovider -rfEs "${PER_TEST[@]}" \
+  --deselect tests/gpu/test_compiled_graphs_cuda.py
+# AOTInductor compiles on the GPU machine's cores: its own part and limit
+part tests_compiled_graphs 90 "$PY" -m pytest tests/gpu/test_compiled_graphs_cuda.py -m gpu -q -p no:cacheprovider -rfEs
+part tests_rest 90 "$PY" -m pytest tests -m gpu --ignore=tests/gpu -q -p no:cacheprovider -rfEs \
   "${PARALLEL[@]}" "${PER_TEST[@]}" --continue-on-collection-errors
 
 # ---- 3. the benchmark, one part per process --------------------------------------------------------------
 # GPU_CHECK_BENCH_ARGS: extra arguments, e.g. --tiny for a dry run of this script on a CPU
 read -ra BENCH <<<"${GPU_CHECK_BENCH_ARGS:-}"
-part bench_llama 100 "$PY" benchmarks/gpu_bench.py --out "$OUTDIR" --part llama "${BENCH[@]}"
+part bench_llama 90 "$PY" benchmarks/gpu_bench.py --out "$OUTDIR" --part llama "${BENCH[@]}"
 part bench_pair 70 "$PY" benchmarks/gpu_bench.py --out "$OUTDIR" --part pair "${BENCH[@]}"
-part bench_hf 80 "$PY" benchmarks/gpu_bench.py --out "$OUTDIR" --part hf "${BENCH[@]}"
+part bench_hf 60 "$PY" benchmarks/gpu_bench.py --out "$OUTDIR" --part hf "${BENCH[@]}"
 TOTAL=$((TOTAL + 20)) part report 20 "$PY" benchmarks/gpu_bench.py --out "$OUTDIR" --part report "${BENCH[@]}"
 
 echo "=== done in $(( $(date +%s) - START ))s; failed: ${FAILED[*]:-none}"
