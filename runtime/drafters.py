@@ -141,12 +141,21 @@ class ModelDrafter:
         ids = top.indices.cpu()
         return top.values.exp().tolist(), (ids if self.s2t is None else self.s2t[ids]).tolist()
 
+    def pending_prefill(self, rows: Sequence) -> list[int]:
+        """Tokens each row's next drafted step prefills alone before the batched catch-up (`_catch_up`): a row not
+        started yet (deferred) or further behind than `catch_up_limit`; 0 for the others. The serving policy
+        charges this to speculating (serve/smartspec.py)."""
+        out = []
+        for r in rows:
+            behind = len(r.tokens) - 1 - self.cached[r.slot]
+            out.append(behind if behind > 0 and (self.cached[r.slot] == 0 or behind > self.catch_up_limit) else 0)
+        return out
+
     def _catch_up(self, rows: Sequence) -> torch.Tensor:
         """Every row's tokens since its last step (ending with its root) in one forward -> root logits [B, Vd]."""
         B = len(rows)
-        for r in rows:  # not started yet (deferred), or behind by steps that did not draft
-            behind = len(r.tokens) - 1 - self.cached[r.slot]
-            if behind > 0 and (self.cached[r.slot] == 0 or behind > self.catch_up_limit):
+        for r, pending in zip(rows, self.pending_prefill(rows)):  # not started (deferred), or behind by steps
+            if pending:                                             # that did not draft
                 self._prefill(r.slot, r.tokens)
         news = [r.tokens[self.cached[r.slot]:] for r in rows]
         cached = [self.cached[r.slot] for r in rows]

@@ -182,6 +182,10 @@ class FusedDrafter:
         # a fused step may commit a retrieved chain of up to max_nodes tokens: the model catches up on it batched
         model.catch_up_limit = max(model.catch_up_limit, max_nodes)
 
+    def pending_prefill(self, rows) -> list[int]:
+        """The model drafter's (`ModelDrafter.pending_prefill`): retrieval needs no prefill."""
+        return self.model.pending_prefill(rows)
+
     def start(self, slot: int, tokens: list[int], defer: bool = False) -> None:
         self.model.start(slot, tokens, defer)
         self.retrieval.start(slot, tokens)

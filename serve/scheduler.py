@@ -285,7 +285,8 @@ class Scheduler:
         if not eng.rows:
             return
         rows = list(eng.rows)
-        self.k = self.policy.choose(rows)
+        pending = getattr(eng.drafter, "pending_prefill", None)
+        self.k = self.policy.choose(rows, None if pending is None else pending(rows))
         t0 = time.perf_counter()
         done = eng.step(None if self.k is None else [self.k] * len(rows))
         dt = time.perf_counter() - t0

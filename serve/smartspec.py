@@ -49,7 +49,7 @@ def machine_tag() -> str:
     return hashlib.sha256(name.encode()).hexdigest()[:8]
 
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 
 
 @dataclass
@@ -64,6 +64,9 @@ class LatencyProfile:
     """seconds[c][i][j]: contexts[c] tokens per row, batch_sizes[i] rows, speculation length ks[j]."""
     meta: dict = field(default_factory=dict)
     """What was profiled: plan, machine, steps per cell, date."""
+    prefill_per_token: float = 0.0
+    """Seconds per token of a deferred drafter prefill (a row's first drafted step after steps that did not draft:
+    `runtime.drafters.ModelDrafter.pending_prefill`), from each k > 0 cell's first step over its median."""
     version: int = PROFILE_VERSION
 
     def predict(self, B: int, k: int, context: int | None = None) -> float:
@@ -91,7 +94,7 @@ class LatencyProfile:
         d = json.loads(Path(path).read_text())
         if d.get("version") != PROFILE_VERSION:
             return None
-        return cls(d["contexts"], d["batch_sizes"], d["ks"], d["seconds"], d.get("meta", {}))
+        return cls(d["contexts"], d["batch_sizes"], d["ks"], d["seconds"], d.get("meta", {}), d["prefill_per_token"])
 
 
 def _fit(batch_sizes: Sequence[int], ks: Sequence[int], table: Sequence[Sequence[float]]) -> list[float]:
@@ -152,7 +155,7 @@ class FixedK:
     def __init__(self, k: Optional[int]):
         self.k = k
 
-    def choose(self, rows: Sequence) -> Optional[int]:
+    def choose(self, rows: Sequence, pending: Optional[Sequence[int]] = None) -> Optional[int]:
         return self.k
 
     def observe(self, rows: Sequence) -> None:
@@ -178,22 +181,34 @@ class SmartSpec:
             req.acceptance = Acceptance()
         return req.acceptance
 
-    def goodput(self, rows: Sequence, k: int) -> float:
+    def goodput(self, rows: Sequence, k: int, pending: Optional[Sequence[int]] = None) -> float:
         """Estimated tokens per second of a step verifying k levels for these rows."""
-        return self._goodputs(rows)[k]
+        return self._goodputs(rows, pending)[k]
 
-    def _goodputs(self, rows: Sequence) -> list[float]:
+    def _goodputs(self, rows: Sequence, pending: Optional[Sequence[int]] = None) -> list[float]:
         """goodput(rows, k) for k = 0..max_k (the estimates computed once: this runs before every step, whose
-        own cost is about a millisecond at batch 1 on this CPU)."""
+        own cost is about a millisecond at batch 1 on this CPU).
+
+        pending[b]: tokens row b's drafter must prefill before it can draft (its deferred start, or steps at
+        k = 0 since). A step with k > 0 pays that prefill once; it is charged amortised over the row's steps
+        left at that k (remaining / E_b(k)), so a short gain does not buy a long prefill, and a request with
+        many tokens to go still switches to speculation when it pays."""
         alphas = self.alphas(rows)
         remaining = [r.max_new_tokens - r.emitted for r in rows]
         context = max(len(r.tokens) for r in rows)  # the live attention window: the longest row
         B = len(rows)
-        return [sum(expected_tokens(a, k, m) for a, m in zip(alphas, remaining))
-                / self.profile.predict(B, k, context) * (self.bias if k == 0 else 1.0) for k in range(self.max_k + 1)]
+        per_token = self.profile.prefill_per_token if pending is not None else 0.0
+        out = []
+        for k in range(self.max_k + 1):
+            E = [expected_tokens(a, k, m) for a, m in zip(alphas, remaining)]
+            t = self.profile.predict(B, k, context)
+            if k > 0 and per_token > 0:
+                t += sum(p * per_token * e / max(1, m) for p, e, m in zip(pending, E, remaining))
+            out.append(sum(E) / t * (self.bias if k == 0 else 1.0))
+        return out
 
-    def choose(self, rows: Sequence) -> int:
-        g = self._goodputs(rows)
+    def choose(self, rows: Sequence, pending: Optional[Sequence[int]] = None) -> int:
+        g = self._goodputs(rows, pending)
         self.k = max(range(self.max_k + 1), key=g.__getitem__)  # no unimodality assumed
         return self.k
 
@@ -214,9 +229,11 @@ class SmartSpec:
 def profile_engine(engine, make_request, contexts: Sequence[int], batch_sizes: Sequence[int], ks: Sequence[int],
                    steps: int, progress=None) -> LatencyProfile:
     """Time `steps` engine steps (after one untimed) for every (context, B, k): B requests from
-    make_request(context, i), each step verifying k levels. The engine must be empty; it is left empty."""
+    make_request(context, i), each step verifying k levels. The engine must be empty; it is left empty. With a
+    deferred drafter (`Engine(defer_drafter=True)`) the untimed first step of a k > 0 cell prefills every row's
+    drafter: its excess over the cell's median, per prefilled token, is the profile's `prefill_per_token`."""
     assert not engine.rows and not engine.prefilling
-    seconds = []
+    seconds, prefill = [], []
     for ctx in contexts:
         table = []
         for B in batch_sizes:
@@ -234,11 +251,14 @@ def profile_engine(engine, make_request, contexts: Sequence[int], batch_sizes: S
                 for r in list(engine.rows) + list(engine.prefilling):
                     engine.cancel(r)
                 row.append(statistics.median(times[1:] or times))
+                if k > 0 and len(times) > 1:  # the first drafted step prefilled the deferred drafter rows
+                    prefill.append(max(0.0, times[0] - row[-1]) / (B * ctx))
                 if progress is not None:
                     progress.update(1)
             table.append(row)
         seconds.append(table)
-    return LatencyProfile(list(contexts), list(batch_sizes), list(ks), seconds)
+    return LatencyProfile(list(contexts), list(batch_sizes), list(ks), seconds,
+                          prefill_per_token=statistics.median(prefill) if prefill else 0.0)
 
 
 def profile_batch_sizes(max_batch_size: int) -> list[int]:

@@ -257,6 +257,39 @@ def test_smartspec_k_follows_acceptance(noise, expect, tmp_path):
     assert ks[0] == 4 and ks[-1] == expect, ks
 
 
+def test_smartspec_charges_the_deferred_drafter_prefill():
+    """Switching to k > 0 prefills every drafter row that waited at k = 0: charged amortised over the row's steps
+    left, it keeps k = 0 for a short remainder and a long wait, and is no obstacle when nothing is pending or the
+    request has far to go."""
+    prof = flat_profile(0.05)
+    prof.prefill_per_token = 0.05  # a 300-token prefill costs ~14 steps
+    pol = SmartSpec(prof, 4, alpha_prior=0.8, prior_steps=50.0)
+
+    class Row:
+        def __init__(self, remaining):
+            self.max_new_tokens, self.emitted, self.tokens, self.acceptance = remaining, 0, [1] * 300, None
+    short, long_ = [Row(8)], [Row(5000)]
+    assert pol.choose(short) == 4 and pol.choose(short, [0]) == 4  # nothing pending: speculate
+    assert pol.choose(short, [300]) == 0  # 300 tokens to prefill for 8 tokens to go: not worth it
+    assert pol.choose(long_, [300]) == 4  # amortised over ~1000 steps: worth it
+
+
+def test_profile_measures_the_deferred_prefill(rt, tmp_path):
+    """The profile's first k > 0 step of each cell prefills the deferred drafter rows; its excess per token is
+    prefill_per_token (> 0), saved and loaded with the table."""
+    from serve.smartspec import profile_engine
+    rt = rt.with_batch_size(2)
+    eng = rt.engine(defer_drafter=True)
+    rng = random.Random(0)
+
+    def make(ctx, i):
+        return rt.request([rng.randrange(257) for _ in range(ctx)], 40)
+    prof = profile_engine(eng, make, [48], [1, 2], [0, 2], 3)
+    assert prof.prefill_per_token > 0
+    prof.save(tmp_path / "p.json")
+    assert LatencyProfile.load(tmp_path / "p.json").prefill_per_token == prof.prefill_per_token
+
+
 @pytest.mark.parametrize("tree,depth", [("dynamic", 7), ("beam", 5), ("top3", 1)])
 def test_serving_grown_and_static_trees(tree, depth, tmp_path):
     """SmartSpec's k ranges over the plan's tree depth for every policy; served outputs equal alone."""
