@@ -8,11 +8,11 @@ has a program, with the cache layout the program was built for (strides, dtypes,
 capacity), runs it; any other call runs the model's own forward and is counted as a miss (`CompiledStats`).
 Nothing here compiles: loading a package is reading compiled code.
 
-On CUDA with kv_window=full the programs replay from CUDA graphs: a `graphable` program (T fixed in its key,
-the whole cache as its window, no commit: the verify forward of each (B, T) bucket, the drafter's levels,
-the acceptance walk) is captured on its first call per input layout and cache storage
+On CUDA with kv_window=full the programs replay from CUDA graphs: a `graphable` program (the whole cache as
+its window, not a prefill nor an SSM commit: the verify forward of each (B, T) bucket, the drafter's levels
+and KV catch-up, the acceptance walk) is captured on its first call per input layout and cache storage
 (`runtime.cuda_graphs.GraphedCalls`: the block tensors copied into static buffers, the cache tensors passed
-as themselves) and replayed after; prefill and catch-up programs (advance blocks) run as they are, and calls
+as themselves) and replayed after; prefill programs and SSM advance blocks run as they are, and calls
 no program takes replay graphs of the eager forward (`GraphedForward`). `CompiledStats.graphed` counts replays.
 """
 from __future__ import annotations
@@ -103,10 +103,12 @@ def load_programs(directory: Path, manifest: dict) -> dict[str, dict[PhaseKey, P
 
 
 def graphable(prog: Program) -> bool:
-    """Whether a program's calls replay from CUDA graphs: fixed shapes per key (T in the key, the KV window the
-    whole cache) and no commit in the forward (an `advance` block is a prefill or catch-up: its T follows the
-    text, and an SSM model's commits state, so the warm-up runs before a capture would not be idempotent)."""
-    return prog.key.T is not None and not prog.live_window and not prog.key.advance
+    """Whether a program's calls replay from CUDA graphs (one per input layout: a T-dynamic program gets one per
+    T it is called with): the KV window is the whole cache (fixed shapes), and the call is not a prefill (keep 0:
+    its T follows each prompt) nor an SSM model's advance block (it commits state, so the warm-up runs before a
+    capture would not be idempotent; a KV catch-up rewrites the same K/V at the same slots)."""
+    key = prog.key
+    return not prog.live_window and not (key.advance and (key.keep == 0 or key.flags))
 
 
 def install(model: torch.nn.Module, role: str, programs: dict[PhaseKey, Program], stats: CompiledStats,
