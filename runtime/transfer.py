@@ -19,6 +19,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`, copied without a host synchronisation: on CUDA from pinned memory with
     non_blocking=True (a pageable or blocking copy makes the host wait for the device queue; the caching host
     allocator keeps the pinned buffer until the copy has run). On the CPU: `t` itself."""
+    device = torch.device(device)
     if t.device == device or on_host(device):
         return t
     if device.type == "cuda":
