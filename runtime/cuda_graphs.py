@@ -82,16 +82,6 @@ class CudaGraphs:
         return graph, out
 
 
-@dataclasses.dataclass
-class _Entry:
-    graph: object
-    inputs: list[Tensor]
-    """Static buffers, in `_tensors(...)` order: input_ids, position_ids, then the Block's tensor fields."""
-    out: Tensor
-    view: object
-    """The cache view the graph reads and writes (kept alive with it)."""
-
-
 def _block_tensors(block: fwd.Block) -> list[tuple[str, Tensor]]:
     return [(f.name, getattr(block, f.name)) for f in dataclasses.fields(block)
             if isinstance(getattr(block, f.name), Tensor)]
@@ -102,14 +92,23 @@ class GraphedForward:
 
     graphs: the capture backend (default `CudaGraphs()`; tests inject one that runs on the CPU);
     max_tokens: the largest T captured (the largest tree bucket); max_graphs: captures beyond this run eager.
-    `stats` counts captures, replays and eager calls."""
+    `stats` counts captures, replays and eager calls; the capture table is a `GraphedCalls` (one capture
+    implementation for eager forwards and compiled programs)."""
 
     def __init__(self, model, graphs=None, max_tokens: int = 128, max_graphs: int = 64):
         self.model = model
-        self.graphs = graphs if graphs is not None else CudaGraphs()
-        self.max_tokens, self.max_graphs = max_tokens, max_graphs
-        self.entries: dict[tuple, _Entry] = {}
-        self.stats = {"captures": 0, "replays": 0, "eager": 0}
+        self.calls = GraphedCalls(graphs, max_graphs)
+        self.graphs, self.max_tokens = self.calls.graphs, max_tokens
+        self.eager = 0
+
+    @property
+    def stats(self) -> dict:
+        return {**self.calls.stats, "eager": self.eager}
+
+    @property
+    def entries(self) -> dict:
+        """The captured graphs by bucket key (`key`)."""
+        return self.calls.entries
 
     def __getattr__(self, name):  # config, parameters(), new_cache, ...: the wrapped model's
         if name == "model":
@@ -147,28 +146,17 @@ class GraphedForward:
     def _run(self, phase: str, input_ids, position_ids, cache, block, num) -> Tensor:
         fn = self.model if phase == "logits" else self.model.hidden
         key = self.key(phase, input_ids, position_ids, cache, block, num)
-        if key is None or (key not in self.entries and len(self.entries) >= self.max_graphs):
-            self.stats["eager"] += 1
-            return fn(input_ids, position_ids, cache, block, num)
-        tensors = [input_ids, position_ids] + [t for _, t in _block_tensors(block)]
-        entry = self.entries.get(key)
-        if entry is None:
-            entry = self.entries[key] = self._capture(fn, tensors, cache, block, num)
-            self.stats["captures"] += 1
-        else:
-            for buf, t in zip(entry.inputs, tensors):
-                buf.copy_(t, non_blocking=True)
-        entry.graph.replay()
-        self.stats["replays"] += 1
-        return entry.out.clone()
+        out = None
+        if key is not None:
+            names = [name for name, _ in _block_tensors(block)]
 
-    def _capture(self, fn, tensors: list[Tensor], cache, block: fwd.Block, num) -> _Entry:
-        dev = tensors[0].device
-        inputs = [torch.empty(t.shape, dtype=t.dtype, device=dev).copy_(t) for t in tensors]
-        names = [name for name, _ in _block_tensors(block)]
-        static = dataclasses.replace(block, **dict(zip(names, inputs[2:])), **_OVERRIDDEN)
-        graph, out = self.graphs.capture(lambda: fn(inputs[0], inputs[1], cache, static, num))
-        return _Entry(graph, inputs, out, cache)
+            def forward(ids, pos, *fields):  # over the static buffers (called at capture only); the cache is the key's
+                return fn(ids, pos, cache, dataclasses.replace(block, **dict(zip(names, fields)), **_OVERRIDDEN), num)
+            out = self.calls(key, forward, [input_ids, position_ids] + [t for _, t in _block_tensors(block)], [])
+        if out is None:  # not graphable, or max_graphs held
+            self.eager += 1
+            return fn(input_ids, position_ids, cache, block, num)
+        return out
 
 
 @dataclasses.dataclass

@@ -246,7 +246,7 @@ class ModelDrafter:
         # need only the ranking, so they skip the fp64 softmax over the vocabulary.
         sampled = self.kind is not ChildKind.deterministic
         if self.resident and not sampled and max(map(len, topo.children)) <= logits.shape[-1]:
-            return self._propose_resident(rows, max_depth, topo, depth, logits, cached, toks, keep, full)
+            return self._propose_resident(max_depth, topo, depth, logits, cached, toks, full)
         probs = torch.zeros(B, n, self.vocab, dtype=torch.float64) if sampled else None
         view = self.cache.view_rows(0, B)
         for d, level in enumerate(topo.levels[:-1]):
@@ -314,8 +314,8 @@ class ModelDrafter:
                 + (width,)
         return cache[key]
 
-    def _propose_resident(self, rows: Sequence, max_depth: Sequence[int], topo: TreeTopology, depth: int,
-                          logits: torch.Tensor, cached: torch.Tensor, toks: torch.Tensor, keep: list, full: TreeBatch):
+    def _propose_resident(self, max_depth: Sequence[int], topo: TreeTopology, depth: int, logits: torch.Tensor,
+                          cached: torch.Tensor, toks: torch.Tensor, full: TreeBatch):
         """`propose` for top-b children with the tokens kept on the device: each level's top-b columns are scattered
         into the level's child slots by index and fed to the next level's forward, nothing read on the host (a
         GPU step then synchronises once, when the engine reads the accepted tokens). The same children as the
@@ -327,17 +327,12 @@ class ModelDrafter:
             self._s2t_dev = to_device(self.s2t, dev)
         toks_dev = to_device(toks, dev)
         view = self.cache.view_rows(0, B)
-        for d, level in enumerate(topo.levels[:-1]):
+        for d in range(len(topo.levels) - 1):
             cids, js, ranks, width = self._level_index(topo, d)
             top = torch.topk(logits, width, dim=-1).indices  # [B, m, width] columns
             if self.s2t is not None:
                 top = self._s2t_dev[top]
             toks_dev[:, cids] = top[:, js, ranks]
-            for b in range(B):
-                if d < max_depth[b]:
-                    for node in level:
-                        for c in topo.children[node]:
-                            keep[b][c] = True
             if d + 1 == len(topo.levels) - 1:
                 break
             lo, hi = topo.levels[d + 1][0], topo.levels[d + 1][-1] + 1

@@ -176,8 +176,6 @@ class KVCache:
                     rows.append(b)
                     src.append(L + node)
                     dst.append(L + j)
-        if not rows:
-            return  # a chain's accepted path, or a path through every first child
         rows, src, dst = (to_device(torch.tensor(x), self.k.device) for x in (rows, src, dst))
         # Indexing gathers into a new tensor first, so overlapping source and target are safe.
         self.k[:, rows, :, dst] = self.k[:, rows, :, src]
